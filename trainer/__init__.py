@@ -1,0 +1,20 @@
+"""Termwise's training loop: a Trainer whose loss terms are named, weighted and logged.
+
+Public surface:
+    Trainer: the training loop; subclass it and override `compute_terms`.
+    NonFiniteLossError: raised when a term becomes NaN or Inf with `on_nonfinite="raise"`.
+    LossRecorder: records `add_loss` values by layer (what the Trainer uses each step).
+    schedules: weights as functions of the step (`schedules.parse("linear:0:1:5000")`).
+"""
+
+from trainer import schedules
+from trainer.terms import LossRecorder
+from trainer.trainer import NonFiniteLossError
+from trainer.trainer import Trainer
+
+__all__ = [
+    "LossRecorder",
+    "NonFiniteLossError",
+    "Trainer",
+    "schedules",
+]

@@ -1,0 +1,832 @@
+"""The Trainer: a `tf.GradientTape` loop in which every loss term is named, weighted and logged.
+
+One training step, per phase (a phase has a name, an optimizer, its variables and its terms)::
+
+    terms   = compute_terms(batch, training=True[, phase])       # user terms, by key
+            + add_loss values recorded during that call          # by the layer that added them
+            + {"regularization": sum of weight regularizers}     # if any variable has one
+    shares  = reduce_terms(terms, sample_weight)                  # identical totals on 1 or N replicas
+    total   = sum_t weight_t(step) * share_t                      # weights: floats or schedules
+    update  = optimizer.apply(d total / d variables)             # only if every term is finite
+
+The compiled step knows nothing of files: logging, checkpoints, validation and progress happen
+between compiled calls, each of which runs up to `steps_per_execution` steps and stops exactly
+at the next logging, checkpoint or validation step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from collections.abc import Callable, Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer import data as data_lib
+from trainer import schedules, terms as terms_lib, validation
+from trainer.checkpoints import Checkpoints
+from trainer.progress import Progress
+from trainer.summaries import SummaryWriter
+
+DEFAULT_PHASE = "train"
+ON_NONFINITE = ("raise", "skip")
+
+Weight = float | schedules.Schedule | Callable[[tf.Tensor], tf.Tensor] | str
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term (or a phase's gradient) became NaN or Inf; no update from it was applied."""
+
+
+@dataclasses.dataclass
+class _Phase:
+    name: str
+    optimizer: keras.optimizers.Optimizer
+    variables: list = dataclasses.field(default_factory=list)
+
+
+def _as_weight(name: str, value) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Turns a weight given by the user into a function of the step."""
+    if isinstance(value, str):
+        try:
+            return schedules.parse(value)
+        except ValueError as error:
+            raise ValueError(f"`weights[{name!r}]`: {error}") from None
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float, np.floating, np.integer)) or callable(value)
+    ):
+        raise ValueError(
+            f"`weights[{name!r}]` ({value!r}) must be a number, a schedule (a callable of the "
+            f"step, see trainer.schedules) or a schedule string such as 'linear:0:1:5000'."
+        )
+    if callable(value):
+        return value
+    return schedules.constant(float(value))
+
+
+class Trainer:
+    """Trains Keras models on a sum of named, weighted loss terms.
+
+    The one method most users override is `compute_terms`. A VAE whose encoder adds its KL with
+    `add_loss` from a layer named `kl`:
+
+    ```python
+    class VAETrainer(trainer.Trainer):
+        def compute_terms(self, batch, training):
+            x = batch
+            logits = self.model(x, training=training)      # the `kl` layer calls add_loss
+            return {"reconstruction": losses.bernoulli_nll(x, logits)}   # per example, [batch]
+
+    vae_trainer = VAETrainer(
+        vae, keras.optimizers.Adam(1e-3),
+        weights={"kl": "linear:0:1:2000"},                  # KL warm-up
+        log_dir="runs/vae", checkpoint_dir="runs/vae/checkpoints",
+    )
+    vae_trainer.fit(images, steps=5000)   # TensorBoard: loss/reconstruction, loss/kl, weight/kl...
+    ```
+
+    Several phases (a GAN's discriminator then generator) take a dict of optimizers keyed by
+    phase name and a `compute_terms(self, batch, training, phase)`; override `phase_variables`
+    unless `model` is a dict whose keys are the phase names.
+
+    Args:
+        model: a Keras model, or a dict of them (their variables and states are all saved).
+        optimizer: a Keras optimizer, or a dict of them keyed by phase name (one phase each, run
+            in the dict's order within each step).
+        loss: for the default `compute_terms`: a callable `(y_true, y_pred) -> per-example
+            values`, a Keras loss (used per example), or a dict of them (one term per key; a
+            key naming one of the model's outputs applies to that output). None: the model's
+            `add_loss` terms alone.
+        weights: term name to weight: a number, a schedule (`trainer.schedules`) or a schedule
+            string (`"linear:0:1:5000"`). Terms without one weigh 1.
+        log_dir: TensorBoard run directory; None writes no events.
+        log_every: write scalars every this many steps (0: only at the end of each `fit`).
+        checkpoint_dir: checkpoint directory; None saves none. A directory that holds a
+            checkpoint is restored from automatically.
+        checkpoint_every: save every this many steps (0: only at the end of each `fit`).
+        max_checkpoints: how many recent checkpoints to keep.
+        checkpoint_data: save the training data iterator's position with each checkpoint.
+        strategy: a `tf.distribute.Strategy`; models and optimizers must be created in its
+            scope. None: the current (default) strategy.
+        steps_per_execution: steps per compiled call (fewer Python round trips).
+        jit_compile: compile the step with XLA.
+        on_nonfinite: "raise" stops with `NonFiniteLossError` naming the term and the step, and
+            that step's update is not applied; "skip" drops such steps and counts them
+            (`nonfinite/skipped`).
+        progress: show a progress bar (True), write absl log lines (False), or decide from
+            whether standard output is a terminal (None).
+        hparams: extra hyperparameters to record for TensorBoard's hparams plugin.
+
+    Raises:
+        ValueError: on any invalid option, naming it, its value and what is allowed.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model | Mapping[str, keras.Model],
+        optimizer: keras.optimizers.Optimizer | Mapping[str, keras.optimizers.Optimizer],
+        *,
+        loss=None,
+        weights: Mapping[str, Weight] | None = None,
+        log_dir: str | None = None,
+        log_every: int = 100,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 1000,
+        max_checkpoints: int = 3,
+        checkpoint_data: bool = True,
+        strategy: tf.distribute.Strategy | None = None,
+        steps_per_execution: int = 1,
+        jit_compile: bool = False,
+        on_nonfinite: str = "raise",
+        progress: bool | None = None,
+        hparams: Mapping[str, object] | None = None,
+    ):
+        self.model = model
+        self._models = self._check_models(model)
+        self.phases = self._make_phases(optimizer)
+        self.loss = self._check_loss(loss)
+        if weights is not None and not isinstance(weights, Mapping):
+            raise ValueError(f"`weights` ({weights!r}) must be a dict of term name to weight.")
+        self.weights = {name: _as_weight(name, w) for name, w in (weights or {}).items()}
+        self.log_dir = log_dir
+        self.log_every = validation.non_negative_int(
+            "log_every", log_every, zero_means="logs only the last step of each fit"
+        )
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = validation.non_negative_int(
+            "checkpoint_every", checkpoint_every, zero_means="saves only at the end of each fit"
+        )
+        validation.positive_int("max_checkpoints", max_checkpoints)
+        self.checkpoint_data = validation.boolean("checkpoint_data", checkpoint_data)
+        if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+            raise ValueError(f"`strategy` ({strategy!r}) must be a tf.distribute.Strategy or None.")
+        self.strategy = strategy or tf.distribute.get_strategy()
+        # The default strategy needs no distributed datasets nor cross-replica branching.
+        self._distributed = type(self.strategy).__name__ != "_DefaultDistributionStrategy"
+        self.steps_per_execution = validation.positive_int(
+            "steps_per_execution", steps_per_execution
+        )
+        self.jit_compile = validation.boolean("jit_compile", jit_compile)
+        self.on_nonfinite = validation.one_of("on_nonfinite", on_nonfinite, ON_NONFINITE)
+        if progress is not None:
+            validation.boolean("progress", progress)
+        self.progress = progress
+        self._extra_hparams = dict(hparams or {})
+        if type(self).compute_terms is Trainer.compute_terms and isinstance(model, Mapping):
+            raise ValueError(
+                "`model` is a dict of models: subclass Trainer and override compute_terms to say "
+                "how they are called."
+            )
+        signature = inspect.signature(self.compute_terms).parameters
+        self._terms_take_phase = "phase" in signature or any(
+            p.kind is p.VAR_KEYWORD for p in signature.values()
+        )
+        if len(self.phases) > 1 and not self._terms_take_phase:
+            raise ValueError(
+                f"With several phases ({list(self.phases)}), compute_terms must take a `phase` "
+                "argument: compute_terms(self, batch, training, phase)."
+            )
+
+        with self.strategy.scope():
+            self._step = self._counter("step", tf.int64)
+            self._skipped = self._counter("nonfinite_skipped", tf.int64)
+            self._halted = self._counter("halted", tf.bool)
+            self._nonfinite_step = self._counter("nonfinite_step", tf.int64)
+            self._nonfinite_index = self._counter("nonfinite_index", tf.int32)
+        self.term_names: dict[str, tuple[str, ...]] = {}
+        self._checked_names: list[str] = []
+        self._checkpoints = None
+        if checkpoint_dir:
+            trackables = {"step": self._step, "nonfinite_skipped": self._skipped}
+            trackables.update({f"model_{k}": m for k, m in self._models.items()})
+            trackables.update({f"optimizer_{p.name}": p.optimizer for p in self.phases.values()})
+            self._checkpoints = Checkpoints(checkpoint_dir, max_checkpoints, **trackables)
+        self._writer = None
+        self._hparams_written = False
+        self._state_ready = False
+        self._restored_from = None
+        self._train_dataset = None
+        self._train_iterator = None
+        self._train_function = None
+        self._eval_function = None
+        self._last_logs: dict[str, float] = {}
+        if all(m.built for m in self._models.values()):
+            self._prepare_state(None)
+
+    # ----------------------------------------------------------------------------------------
+    # Construction helpers.
+
+    @staticmethod
+    def _check_models(model) -> dict[str, keras.Model]:
+        models = dict(model) if isinstance(model, Mapping) else {"": model}
+        if not models:
+            raise ValueError("`model` is an empty dict; give at least one Keras model.")
+        for key, value in models.items():
+            if not isinstance(value, keras.layers.Layer):
+                where = f"`model[{key!r}]`" if key else "`model`"
+                raise ValueError(f"{where} ({value!r}) must be a Keras model or layer.")
+        return {(k or "main"): v for k, v in models.items()}
+
+    @staticmethod
+    def _make_phases(optimizer) -> dict[str, _Phase]:
+        if isinstance(optimizer, Mapping):
+            if not optimizer:
+                raise ValueError("`optimizer` is an empty dict; give one optimizer per phase.")
+            items = list(optimizer.items())
+        else:
+            items = [(DEFAULT_PHASE, optimizer)]
+        for name, opt in items:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"Phase names (the keys of `optimizer`) must be strings: {name!r}.")
+            if not isinstance(opt, keras.optimizers.Optimizer):
+                where = "`optimizer`" if name == DEFAULT_PHASE else f"`optimizer[{name!r}]`"
+                raise ValueError(f"{where} ({opt!r}) must be a keras.optimizers.Optimizer.")
+        return {name: _Phase(name, opt) for name, opt in items}
+
+    @staticmethod
+    def _check_loss(loss):
+        if loss is None or callable(loss):
+            return loss
+        if isinstance(loss, Mapping) and loss:
+            for key, fn in loss.items():
+                if not isinstance(key, str) or not callable(fn):
+                    raise ValueError(
+                        f"`loss[{key!r}]` ({fn!r}) must be callable, keyed by a term name."
+                    )
+            return dict(loss)
+        raise ValueError(
+            f"`loss` ({loss!r}) must be None, a callable (y_true, y_pred) -> per-example values, "
+            "a Keras loss, or a non-empty dict of them."
+        )
+
+    def _counter(self, name: str, dtype: tf.DType) -> tf.Variable:
+        return tf.Variable(
+            tf.zeros([], dtype),
+            trainable=False,
+            name=name,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Public properties and override points.
+
+    @property
+    def step(self) -> int:
+        """The global step: updates run so far, restored from checkpoints."""
+        return int(self._step.numpy())
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose update was dropped because a term was not finite (`on_nonfinite="skip"`)."""
+        return int(self._skipped.numpy())
+
+    def phase_variables(self, phase: str) -> list:
+        """The variables a phase updates.
+
+        Default: the trainable variables of `model[phase]` when `model` is a dict with that key,
+        else all trainable variables of all models.
+        """
+        if phase in self._models and len(self._models) > 1:
+            return list(self._models[phase].trainable_variables)
+        seen, variables = set(), []
+        for model in self._models.values():
+            for v in model.trainable_variables:
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    variables.append(v)
+        return variables
+
+    def compute_terms(self, batch, training: bool) -> dict[str, tf.Tensor]:
+        """Returns the named loss terms of one batch: the override point.
+
+        Each value is per example (shape [batch, ...]; the trainer sample-weights, sums and
+        divides by the global batch size) or a scalar (divided by the number of replicas). The
+        `add_loss` values of layers called here are collected as terms too, named by the layer.
+
+        The default unpacks `(x, y[, sample_weight])`, calls the model and applies `loss`.
+        Override it for anything else:
+
+        ```python
+        class DenoisingTrainer(trainer.Trainer):
+            def compute_terms(self, batch, training):
+                x, _ = batch
+                noisy = x + 0.1 * tf.random.normal(tf.shape(x))
+                x_hat = self.model(noisy, training=training)
+                return {"reconstruction": losses.mean_squared_error(x, x_hat)}
+        ```
+
+        A trainer with several phases defines `compute_terms(self, batch, training, phase)` and
+        returns the terms of that phase.
+        """
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        y_pred = self.model(x, training=training)
+        if self.loss is None:
+            return {}
+        if not isinstance(self.loss, Mapping):
+            return {"loss": self._per_example(self.loss, y, y_pred)}
+        out = {}
+        for name, fn in self.loss.items():
+            if isinstance(y_pred, Mapping) and name in y_pred:
+                out[name] = self._per_example(fn, y[name], y_pred[name])
+            else:
+                out[name] = self._per_example(fn, y, y_pred)
+        return out
+
+    @staticmethod
+    def _per_example(fn, y_true, y_pred):
+        if isinstance(fn, keras.losses.Loss):
+            # `Loss.__call__` averages over the local batch; `call` gives per-example values,
+            # which the trainer reduces exactly over the global batch.
+            y_true = tf.cast(y_true, y_pred.dtype) if tf.is_tensor(y_pred) else y_true
+            return fn.call(y_true, y_pred)
+        return fn(y_true, y_pred)
+
+    def sample_weight(self, batch) -> tf.Tensor | None:
+        """The per-example weights of a batch: the third element of `(x, y, sample_weight)`."""
+        _, _, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+        return sample_weight
+
+    # ----------------------------------------------------------------------------------------
+    # The step (replica context).
+
+    def _phase_terms(self, phase: _Phase, batch, training: bool) -> dict[str, tf.Tensor]:
+        """Computes, names, checks and reduces one phase's terms."""
+        with terms_lib.LossRecorder() as recorder:
+            if self._terms_take_phase:
+                user_terms = self.compute_terms(batch, training, phase=phase.name)
+            else:
+                user_terms = self.compute_terms(batch, training)
+        if not isinstance(user_terms, Mapping):
+            raise ValueError(
+                f"compute_terms must return a dict of term name to tensor, got "
+                f"{type(user_terms).__name__}."
+            )
+        regularization = terms_lib.regularization_loss(phase.variables)
+        extra = {} if regularization is None else {terms_lib.REGULARIZATION: regularization}
+        merged = terms_lib.merge_terms(user_terms, recorder.terms(), extra)
+        if not merged:
+            raise ValueError(
+                f"Phase {phase.name!r} has no loss terms: compute_terms returned none and no "
+                "layer called add_loss."
+            )
+        self.term_names[phase.name] = tuple(merged)
+        return terms_lib.reduce_terms(merged, self.sample_weight(batch))
+
+    def _check_weight_names(self) -> None:
+        known = sorted({n for names in self.term_names.values() for n in names})
+        unknown = sorted(set(self.weights) - set(known))
+        if unknown:
+            raise ValueError(
+                f"`weights` names terms that do not exist: {unknown}; known term names: {known}."
+            )
+
+    def _weigh(self, reduced: Mapping[str, tf.Tensor], step: tf.Tensor):
+        weights, weighted = {}, {}
+        for name, value in reduced.items():
+            fn = self.weights.get(name)
+            w = tf.constant(1.0) if fn is None else tf.cast(fn(step), tf.float32)
+            weights[name] = w
+            weighted[name] = w * value
+        total = tf.add_n(list(weighted.values()))
+        return weights, weighted, total
+
+    def _replica_train_step(self, batch):
+        step = self._step.read_value()
+        halted = self._halted.read_value()
+        logs = {}
+        ok_all = tf.logical_not(halted)
+        replica_ctx = tf.distribute.get_replica_context()
+        replicas = self.strategy.num_replicas_in_sync
+        self._checked_names = []
+        for phase in self.phases.values():
+            scale_loss = isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer)
+            with tf.GradientTape() as tape:
+                reduced = self._phase_terms(phase, batch, training=True)
+                weights, weighted, total = self._weigh(reduced, step)
+                target = phase.optimizer.scale_loss(total) if scale_loss else total
+            grads = tape.gradient(target, phase.variables)
+            flags = [tf.reduce_all(tf.math.is_finite(v)) for v in reduced.values()]
+            names = [f"{phase.name}/{n}" for n in reduced]
+            if not scale_loss:  # a LossScaleOptimizer handles its own overflowing gradients
+                finite = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+                flags.append(tf.reduce_all(finite) if finite else tf.constant(True))
+                names.append(f"{phase.name}/<gradient>")
+            flags = tf.cast(tf.stack(flags), tf.int32)
+            if replicas > 1:
+                flags = replica_ctx.all_reduce(tf.distribute.ReduceOp.MIN, flags)
+            ok = tf.logical_and(ok_all, tf.reduce_all(flags > 0))
+            self._record_nonfinite(ok_all, flags, step, offset=len(self._checked_names))
+            self._checked_names.extend(names)
+            self._conditional_apply(phase, grads, ok)
+            ok_all = ok
+            for name in reduced:
+                logs[f"loss/{name}"] = reduced[name]
+                logs[f"weight/{name}"] = weights[name] / replicas
+                logs[f"weighted/{name}"] = weighted[name]
+            logs[f"total/{phase.name}"] = total
+        self._check_weight_names()
+        if self.on_nonfinite == "skip":
+            self._skipped.assign_add(tf.cast(tf.logical_not(ok_all), tf.int64))
+        logs["examples"] = tf.cast(data_lib.batch_size_of(batch), tf.float32)
+        return logs
+
+    def _record_nonfinite(self, ok_before, flags, step, offset: int) -> None:
+        """On the first non-finite term, remembers which and when (for the error message)."""
+        if self.on_nonfinite != "raise":
+            return
+        bad = tf.logical_and(ok_before, tf.logical_not(tf.reduce_all(flags > 0)))
+
+        def remember():
+            first = tf.cast(tf.argmin(flags), tf.int32) + offset
+            self._nonfinite_index.assign(first)
+            self._nonfinite_step.assign(step + 1)
+            self._halted.assign(True)
+            return tf.constant(True)
+
+        tf.cond(bad, remember, lambda: tf.constant(False))
+
+    def _conditional_apply(self, phase: _Phase, grads, ok) -> None:
+        """Applies the update only when `ok`, in the way each strategy allows."""
+
+        def apply():
+            phase.optimizer.apply(grads, phase.variables)
+
+        if not tf.distribute.has_strategy():
+
+            def apply_true():
+                apply()
+                return tf.constant(True)
+
+            tf.cond(ok, apply_true, lambda: tf.constant(False))
+            return
+
+        # A cond whose branch calls `optimizer.apply` is not allowed in a replica context under
+        # MirroredStrategy: branch in the cross-replica context (LossScaleOptimizer's pattern).
+        def cross_replica(strategy, ok):
+            ok = strategy.experimental_local_results(ok)[0]
+
+            def apply_each():
+                strategy.extended.call_for_each_replica(apply)
+                return tf.constant(True)
+
+            tf.cond(ok, apply_each, lambda: tf.constant(False))
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok,))
+
+    def _replica_eval_step(self, batch):
+        step = self._step.read_value()
+        replicas = self.strategy.num_replicas_in_sync
+        logs = {}
+        for phase in self.phases.values():
+            reduced = self._phase_terms(phase, batch, training=False)
+            _, weighted, total = self._weigh(reduced, step)
+            logs.update({name: value for name, value in reduced.items()})
+            key = "total" if len(self.phases) == 1 else f"total/{phase.name}"
+            logs[key] = total
+        del replicas
+        logs["examples"] = tf.cast(data_lib.batch_size_of(batch), tf.float32)
+        return logs
+
+    # ----------------------------------------------------------------------------------------
+    # Compiled functions (cross-replica context).
+
+    def _compile_step(self, replica_fn, reductions: Callable[[str], tf.distribute.ReduceOp]):
+        strategy = self.strategy
+
+        def step(batch):
+            per_replica = strategy.run(replica_fn, args=(batch,))
+            return {k: strategy.reduce(reductions(k), v, axis=None) for k, v in per_replica.items()}
+
+        return tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+
+    def _make_train_function(self):
+        step_fn = self._compile_step(
+            self._replica_train_step, lambda key: tf.distribute.ReduceOp.SUM
+        )
+        step_var, halted = self._step, self._halted
+
+        def one(iterator):
+            logs = step_fn(next(iterator))
+            step_var.assign_add(tf.cast(tf.logical_not(halted), tf.int64))
+            return logs
+
+        @tf.function
+        def train_function(iterator, num_steps):
+            logs = one(iterator)
+            for _ in tf.range(num_steps - 1):
+                logs = one(iterator)
+            return logs, halted.read_value()
+
+        return train_function
+
+    def _make_eval_function(self):
+        step_fn = self._compile_step(self._replica_eval_step, lambda key: tf.distribute.ReduceOp.SUM)
+
+        def weighted(logs):
+            n = logs["examples"]
+            return {k: (v if k == "examples" else v * n) for k, v in logs.items()}
+
+        @tf.function
+        def eval_function(iterator, num_steps):
+            sums = weighted(step_fn(next(iterator)))
+            for _ in tf.range(num_steps - 1):
+                logs = weighted(step_fn(next(iterator)))
+                sums = {k: sums[k] + logs[k] for k in sums}
+            return sums
+
+        return eval_function
+
+    # ----------------------------------------------------------------------------------------
+    # State: building, restoring, iterators.
+
+    def _prepare_state(self, dataset: tf.data.Dataset | None) -> None:
+        """Builds models and optimizers, then restores the latest checkpoint (once)."""
+        if self._state_ready:
+            return
+        unbuilt = not all(m.built for m in self._models.values())
+        if unbuilt:
+            if dataset is None:
+                return
+            batch = next(iter(dataset))
+            with self.strategy.scope(), terms_lib.LossRecorder():
+                for phase in self.phases.values():
+                    if self._terms_take_phase:
+                        self.compute_terms(batch, False, phase=phase.name)
+                    else:
+                        self.compute_terms(batch, False)
+        for phase in self.phases.values():
+            phase.variables = list(self.phase_variables(phase.name))
+            if not phase.variables:
+                raise ValueError(f"Phase {phase.name!r} has no trainable variables.")
+            if not phase.optimizer.built:
+                with self.strategy.scope():
+                    phase.optimizer.build(phase.variables)
+        if self._checkpoints is not None:
+            self._restored_from = self._checkpoints.restore()
+        self._state_ready = True
+
+    def _train_iterator_for(self, dataset: tf.data.Dataset):
+        if dataset is self._train_dataset:
+            return self._train_iterator
+        repeated = dataset.repeat()
+        with self.strategy.scope():
+            iterator = self._distribute(repeated)
+        if self._restored_from and self.checkpoint_data and self._train_iterator is None:
+            try:
+                self._checkpoints.restore_extra(data=iterator)
+            except (tf.errors.OpError, ValueError, AssertionError) as error:
+                logging.warning("The data position was not restored: %s", error)
+        self._train_dataset, self._train_iterator = dataset, iterator
+        return iterator
+
+    def _distribute(self, dataset: tf.data.Dataset):
+        if self._distributed:
+            return iter(self.strategy.experimental_distribute_dataset(dataset))
+        return iter(dataset)
+
+    # ----------------------------------------------------------------------------------------
+    # The outer loop.
+
+    def fit(
+        self,
+        data,
+        *,
+        steps: int | None = None,
+        epochs: int | None = None,
+        until_step: int | None = None,
+        validation_data=None,
+        validation_every: int | None = None,
+        batch_size: int = 32,
+    ) -> dict[str, float]:
+        """Trains for `steps` more steps (or `epochs` passes, or until a global step).
+
+        Args:
+            data: a `tf.data.Dataset` of batches, or arrays (`(x, y[, sample_weight])`) to batch
+                and reshuffle every pass. It is repeated as needed; the same dataset object
+                passed again continues where the last `fit` stopped.
+            steps: how many more steps to run.
+            epochs: how many passes over `data` to run (its length must be known).
+            until_step: run until the global step reaches this; rerunning the same command
+                after a preemption then finishes the same job. Give one of the three; none means
+                one pass.
+            validation_data: evaluated every `validation_every` steps and at the end, logged as
+                `eval/<term>`.
+            validation_every: steps between evaluations (default: one pass over `data` when
+                its length is known, else only at the end).
+            batch_size: the batch size for arrays.
+
+        Returns:
+            The last step's logs as floats: `loss/<term>`, `weight/<term>`, `weighted/<term>`,
+            `total/<phase>`, `optimizer/<phase>/learning_rate`, `perf/...` and, after a
+            validation, `eval/<term>`.
+
+        Raises:
+            ValueError: on bad arguments or term names, before any update.
+            NonFiniteLossError: with `on_nonfinite="raise"`, when a term becomes NaN or Inf.
+        """
+        validation.positive_int("batch_size", batch_size)
+        dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=True)
+        if sum(x is not None for x in (steps, epochs, until_step)) > 1:
+            raise ValueError(
+                f"Give one of `steps` ({steps!r}), `epochs` ({epochs!r}) and `until_step` "
+                f"({until_step!r}), not several."
+            )
+        per_pass = data_lib.batches_per_pass(dataset)
+        self._prepare_state(dataset)
+        if until_step is not None:
+            steps = max(0, validation.non_negative_int("until_step", until_step) - self.step)
+        elif epochs is not None:
+            validation.positive_int("epochs", epochs)
+            if per_pass is None:
+                raise ValueError(
+                    f"`epochs` ({epochs}) needs data of known length; this dataset's length is "
+                    "unknown or infinite: pass `steps` instead."
+                )
+            steps = epochs * per_pass
+        elif steps is None:
+            if per_pass is None:
+                raise ValueError(
+                    "The dataset's length is unknown or infinite: pass `steps` or `until_step`."
+                )
+            steps = per_pass
+        else:
+            validation.non_negative_int("steps", steps)
+        if validation_every is None:
+            validation_every = per_pass or 0
+        else:
+            validation.positive_int("validation_every", validation_every)
+        if validation_data is None:
+            validation_every = 0
+        if steps == 0:
+            return dict(self._last_logs)
+
+        iterator = self._train_iterator_for(dataset)
+        if self._train_function is None:
+            self._train_function = self._make_train_function()
+        self._write_hparams()
+        start = self.step
+        end = start + steps
+        progress = Progress(end, start, interactive=self.progress)
+        cadences = [c for c in (self.log_every, self.checkpoint_every, validation_every) if c]
+        host_step = start
+        last_time, last_step = time.perf_counter(), start
+        logs = {}
+        while host_step < end:
+            stop = min([end] + [(host_step // c + 1) * c for c in cadences])
+            count = min(self.steps_per_execution, stop - host_step)
+            outputs, halted = self._train_function(iterator, tf.constant(count, tf.int32))
+            if self.on_nonfinite == "raise" and bool(halted):
+                self._raise_nonfinite()
+            host_step += count
+            final = host_step == end
+            log_now = final or (self.log_every and host_step % self.log_every == 0)
+            if log_now or progress.due():
+                logs = self._host_logs(outputs)
+            if log_now:
+                now = time.perf_counter()
+                rate = (host_step - last_step) / max(now - last_time, 1e-9)
+                logs["perf/steps_per_sec"] = rate
+                logs["perf/examples_per_sec"] = rate * logs.pop("examples", 0.0)
+                if self.on_nonfinite == "skip":
+                    logs["nonfinite/skipped"] = float(self.skipped_steps)
+                self._write(host_step, logs)
+                last_time, last_step = now, host_step
+            if validation_every and (final or host_step % validation_every == 0):
+                results = self.evaluate(validation_data, batch_size=batch_size)
+                logs.update({f"eval/{k}": v for k, v in results.items()})
+            if self._checkpoints is not None and (
+                final or (self.checkpoint_every and host_step % self.checkpoint_every == 0)
+            ):
+                self.save()
+            if final or (progress.due() if progress.interactive else log_now):
+                progress.update(host_step, logs, final=final)
+        logs.pop("examples", None)
+        self._last_logs = logs
+        if self._writer is not None:
+            self._writer.flush()
+        return dict(logs)
+
+    def _host_logs(self, outputs) -> dict[str, float]:
+        logs = {k: float(v) for k, v in outputs.items()}
+        for phase in self.phases.values():
+            lr = phase.optimizer.learning_rate
+            logs[f"optimizer/{phase.name}/learning_rate"] = float(np.asarray(lr))
+        return logs
+
+    def _raise_nonfinite(self):
+        index = int(self._nonfinite_index.numpy())
+        at = int(self._nonfinite_step.numpy())
+        phase, term = self._checked_names[index].split("/", 1)
+        what = f"The gradient of phase {phase!r}" if term == "<gradient>" else (
+            f"Loss term {term!r} (phase {phase!r})"
+        )
+        raise NonFiniteLossError(
+            f"{what} became NaN or Inf at step {at}; that step's update was not applied and "
+            f"training stopped at global step {self.step}. Pass on_nonfinite='skip' to drop "
+            "such steps instead."
+        )
+
+    def evaluate(self, data, *, steps: int | None = None, batch_size: int = 32) -> dict[str, float]:
+        """Evaluates every term and the total on `data` (training=False).
+
+        Per-example terms are averaged over all examples (sample-weighted), scalar terms over
+        batches weighted by their size; the total uses the current step's weights.
+
+        Args:
+            data: a `tf.data.Dataset` of batches or arrays, as for `fit`.
+            steps: at most this many batches (default: all).
+            batch_size: the batch size for arrays.
+
+        Returns:
+            Term name to float, plus `total` (`total/<phase>` with several phases). The values
+            are also logged as `eval/<name>` at the current step.
+        """
+        validation.positive_int("batch_size", batch_size)
+        dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=False)
+        if steps is not None:
+            dataset = dataset.take(validation.positive_int("steps", steps))
+        self._prepare_state(dataset)
+        if self._eval_function is None:
+            self._eval_function = self._make_eval_function()
+        iterator = self._distribute(dataset)
+        per_pass = data_lib.batches_per_pass(dataset)
+        sums: dict[str, float] = {}
+
+        def add(outputs):
+            for k, v in outputs.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+
+        if per_pass is not None:
+            remaining = per_pass
+            while remaining > 0:
+                count = min(self.steps_per_execution, remaining)
+                add(self._eval_function(iterator, tf.constant(count, tf.int32)))
+                remaining -= count
+        else:
+            while True:
+                try:
+                    add(self._eval_function(iterator, tf.constant(1, tf.int32)))
+                except (tf.errors.OutOfRangeError, StopIteration):
+                    break
+        examples = sums.pop("examples", 0.0)
+        if not examples:
+            raise ValueError("`data` for evaluate holds no examples.")
+        results = {k: v / examples for k, v in sums.items()}
+        self._write(self.step, {f"eval/{k}": v for k, v in results.items()})
+        if self._writer is not None:
+            self._writer.flush()
+        return results
+
+    # ----------------------------------------------------------------------------------------
+    # Files.
+
+    @property
+    def writer(self) -> SummaryWriter | None:
+        """The TensorBoard writer (None without `log_dir`); subclasses add images through it."""
+        if self._writer is None and self.log_dir:
+            self._writer = SummaryWriter(self.log_dir)
+        return self._writer
+
+    def _write(self, step: int, values: Mapping[str, float]) -> None:
+        if self.writer is not None:
+            self.writer.scalars(step, {k: v for k, v in values.items() if k != "examples"})
+
+    def _write_hparams(self) -> None:
+        if self._hparams_written or self.writer is None:
+            return
+        values = {
+            "steps_per_execution": self.steps_per_execution,
+            "jit_compile": self.jit_compile,
+            "on_nonfinite": self.on_nonfinite,
+            "replicas": self.strategy.num_replicas_in_sync,
+        }
+        for phase in self.phases.values():
+            values[f"optimizer/{phase.name}"] = type(phase.optimizer).__name__
+            values[f"optimizer/{phase.name}/learning_rate"] = float(
+                np.asarray(phase.optimizer.learning_rate)
+            )
+        for name, fn in self.weights.items():
+            values[f"weight/{name}"] = getattr(fn, "spec", repr(fn))
+        values.update(self._extra_hparams)
+        self.writer.hparams(values)
+        self._hparams_written = True
+
+    def save(self) -> str | None:
+        """Saves a checkpoint at the current step (None without `checkpoint_dir`)."""
+        if self._checkpoints is None:
+            return None
+        extra = {}
+        if self.checkpoint_data and self._train_iterator is not None:
+            extra["data"] = self._train_iterator
+        try:
+            return self._checkpoints.save(self.step, **extra)
+        except (tf.errors.OpError, ValueError, TypeError) as error:
+            if not extra:
+                raise
+            logging.warning("Saving the data position failed (%s); saving without it.", error)
+            self.checkpoint_data = False
+            return self._checkpoints.save(self.step)
