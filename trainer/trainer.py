@@ -5,7 +5,7 @@ One training step, per phase (a phase has a name, an optimizer, its variables an
     terms   = compute_terms(batch, training=True[, phase])       # user terms, by key
             + add_loss values recorded during that call          # by the layer that added them
             + {"regularization": sum of weight regularizers}     # if any variable has one
-    shares  = reduce_terms(terms, sample_weight)                  # identical totals on 1 or N replicas
+    shares  = reduce_terms(terms, sample_weight)                  # same totals on 1 or N replicas
     total   = sum_t weight_t(step) * share_t                      # weights: floats or schedules
     update  = optimizer.apply(d total / d variables)             # only if every term is finite
 
@@ -27,7 +27,8 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import data as data_lib
-from trainer import schedules, terms as terms_lib, validation
+from trainer import schedules, validation
+from trainer import terms as terms_lib
 from trainer.checkpoints import Checkpoints
 from trainer.progress import Progress
 from trainer.summaries import SummaryWriter
@@ -241,7 +242,9 @@ class Trainer:
             items = [(DEFAULT_PHASE, optimizer)]
         for name, opt in items:
             if not isinstance(name, str) or not name:
-                raise ValueError(f"Phase names (the keys of `optimizer`) must be strings: {name!r}.")
+                raise ValueError(
+                    f"Phase names (the keys of `optimizer`) must be strings: {name!r}."
+                )
             if not isinstance(opt, keras.optimizers.Optimizer):
                 where = "`optimizer`" if name == DEFAULT_PHASE else f"`optimizer[{name!r}]`"
                 raise ValueError(f"{where} ({opt!r}) must be a keras.optimizers.Optimizer.")
@@ -416,8 +419,9 @@ class Trainer:
                 flags.append(tf.reduce_all(finite) if finite else tf.constant(True))
                 names.append(f"{phase.name}/<gradient>")
             flags = tf.cast(tf.stack(flags), tf.int32)
-            if replicas > 1:
-                flags = replica_ctx.all_reduce(tf.distribute.ReduceOp.MIN, flags)
+            if replicas > 1:  # finite on every replica: the sum of the 0/1 flags is R
+                flags = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, flags)
+                flags = tf.cast(tf.equal(flags, replicas), tf.int32)
             ok = tf.logical_and(ok_all, tf.reduce_all(flags > 0))
             self._record_nonfinite(ok_all, flags, step, offset=len(self._checked_names))
             self._checked_names.extend(names)
@@ -439,43 +443,38 @@ class Trainer:
         if self.on_nonfinite != "raise":
             return
         bad = tf.logical_and(ok_before, tf.logical_not(tf.reduce_all(flags > 0)))
-
-        def remember():
-            first = tf.cast(tf.argmin(flags), tf.int32) + offset
-            self._nonfinite_index.assign(first)
-            self._nonfinite_step.assign(step + 1)
-            self._halted.assign(True)
-            return tf.constant(True)
-
-        tf.cond(bad, remember, lambda: tf.constant(False))
+        # Unconditional assignments: under MirroredStrategy an assignment inside a `tf.cond` in
+        # replica context is a merge_call, which is not allowed there. `flags` is all-reduced,
+        # so every replica writes the same values.
+        first = tf.cast(tf.argmin(flags), tf.int32) + offset
+        self._nonfinite_index.assign(tf.where(bad, first, self._nonfinite_index))
+        self._nonfinite_step.assign(tf.where(bad, step + 1, self._nonfinite_step))
+        self._halted.assign(tf.logical_or(self._halted, bad))
 
     def _conditional_apply(self, phase: _Phase, grads, ok) -> None:
         """Applies the update only when `ok`, in the way each strategy allows."""
 
-        def apply():
+        def apply(grads):
             phase.optimizer.apply(grads, phase.variables)
+            return tf.constant(True)
 
         if not tf.distribute.has_strategy():
-
-            def apply_true():
-                apply()
-                return tf.constant(True)
-
-            tf.cond(ok, apply_true, lambda: tf.constant(False))
+            tf.cond(ok, lambda: apply(grads), lambda: tf.constant(False))
             return
 
         # A cond whose branch calls `optimizer.apply` is not allowed in a replica context under
         # MirroredStrategy: branch in the cross-replica context (LossScaleOptimizer's pattern).
-        def cross_replica(strategy, ok):
+        # The gradients go through `merge_call`'s args, so each replica applies its own.
+        def cross_replica(strategy, grads, ok):
             ok = strategy.experimental_local_results(ok)[0]
 
             def apply_each():
-                strategy.extended.call_for_each_replica(apply)
+                strategy.extended.call_for_each_replica(apply, args=(grads,))
                 return tf.constant(True)
 
             tf.cond(ok, apply_each, lambda: tf.constant(False))
 
-        tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok,))
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, ok))
 
     def _replica_eval_step(self, batch):
         step = self._step.read_value()
@@ -524,7 +523,9 @@ class Trainer:
         return train_function
 
     def _make_eval_function(self):
-        step_fn = self._compile_step(self._replica_eval_step, lambda key: tf.distribute.ReduceOp.SUM)
+        step_fn = self._compile_step(
+            self._replica_eval_step, lambda key: tf.distribute.ReduceOp.SUM
+        )
 
         def weighted(logs):
             n = logs["examples"]
@@ -721,8 +722,10 @@ class Trainer:
         index = int(self._nonfinite_index.numpy())
         at = int(self._nonfinite_step.numpy())
         phase, term = self._checked_names[index].split("/", 1)
-        what = f"The gradient of phase {phase!r}" if term == "<gradient>" else (
-            f"Loss term {term!r} (phase {phase!r})"
+        what = (
+            f"The gradient of phase {phase!r}"
+            if term == "<gradient>"
+            else (f"Loss term {term!r} (phase {phase!r})")
         )
         raise NonFiniteLossError(
             f"{what} became NaN or Inf at step {at}; that step's update was not applied and "
