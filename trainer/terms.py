@@ -19,7 +19,8 @@ call's losses. Termwise instead records each value at the moment a layer adds it
   of replicas. Summing the shares over replicas gives the same number on 1 or N replicas.
 
 The recorder wraps `Layer.add_loss` once per process; the wrapper records only while a recorder
-is active on the calling thread and otherwise just calls Keras's own method.
+is active on the calling thread, and never during Keras's symbolic calls (building a functional
+model), and otherwise just calls Keras's own method.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Mapping
 import keras
 import tensorflow as tf
 from keras.src.backend.common import global_state
+from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 
 REGULARIZATION = "regularization"
 
@@ -49,7 +51,9 @@ def _install_add_loss_hook() -> None:
         def add_loss(layer, loss):
             original(layer, loss)
             recorder = getattr(_active, "recorder", None)
-            if recorder is not None:
+            # A symbolic call (building a functional model, shape inference) adds values from a
+            # scratch graph that no step can use: they are not losses of any batch.
+            if recorder is not None and not in_symbolic_scope():
                 recorder.record(layer, loss)
 
         add_loss._termwise_recording = True
@@ -126,9 +130,7 @@ def regularization_loss(variables) -> tf.Tensor | None:
     Returns:
         The scalar sum, or None when no variable has a regularizer.
     """
-    values = [
-        v.regularizer(v) for v in variables if getattr(v, "regularizer", None) is not None
-    ]
+    values = [v.regularizer(v) for v in variables if getattr(v, "regularizer", None) is not None]
     if not values:
         return None
     return tf.add_n([tf.cast(v, tf.float32) for v in values])
