@@ -9,8 +9,7 @@ Public surface:
 
 from trainer import schedules
 from trainer.terms import LossRecorder
-from trainer.trainer import NonFiniteLossError
-from trainer.trainer import Trainer
+from trainer.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "LossRecorder",

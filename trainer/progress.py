@@ -39,7 +39,9 @@ class Progress:
         self.min_interval = min_interval
         self._last_time = time.perf_counter()
         self._last_step = start
-        self._bar = keras.utils.Progbar(total - start, stateful_metrics=None) if interactive else None
+        self._bar = (
+            keras.utils.Progbar(total - start, stateful_metrics=None) if interactive else None
+        )
 
     def due(self) -> bool:
         """True when the bar is due for a refresh (always False without a bar)."""

@@ -1,0 +1,72 @@
+"""Trains a small penalised model on 1 or 2 replicas and prints the results as JSON.
+
+Run as a script (TensorFlow's logical devices must be set before it initialises):
+    python distributed_run.py {default,mirrored}
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import tensorflow as tf  # noqa: E402
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras  # noqa: E402
+from helpers import penalised_model, regression_data  # noqa: E402
+
+import losses  # noqa: E402
+from trainer import Trainer  # noqa: E402
+
+
+class Scalar(Trainer):
+    """Adds a scalar term, which the reduction divides by the number of replicas."""
+
+    def compute_terms(self, batch, training):
+        terms = super().compute_terms(batch, training)
+        terms["mean_abs_output"] = tf.reduce_mean(tf.abs(self.model(batch[0], training=training)))
+        return terms
+
+
+def main(kind):
+    strategy = (
+        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        if kind == "mirrored"
+        else tf.distribute.get_strategy()
+    )
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = penalised_model()
+        optimizer = keras.optimizers.SGD(0.05)
+    x, y = regression_data(64)
+    sw = tf.linspace(0.5, 1.5, 64)
+    data = tf.data.Dataset.from_tensor_slices((x, y, sw)).batch(16)
+    t = Scalar(
+        model,
+        optimizer,
+        loss=losses.mean_squared_error,
+        strategy=strategy,
+        weights={"sparsity": "linear:0:1:4"},
+        progress=False,
+    )
+    logs = t.fit(data, steps=6)
+    evaluation = t.evaluate((x, y, sw.numpy()), batch_size=16)
+    print(
+        json.dumps(
+            {
+                "replicas": strategy.num_replicas_in_sync,
+                "logs": {k: v for k, v in logs.items() if not k.startswith("perf/")},
+                "eval": evaluation,
+                "weights": [w.numpy().ravel().tolist() for w in model.weights],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
