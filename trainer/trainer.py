@@ -358,6 +358,11 @@ class Trainer:
 
     def _phase_terms(self, phase: _Phase, batch, training: bool) -> dict[str, tf.Tensor]:
         """Computes, names, checks and reduces one phase's terms."""
+        merged = self._named_terms(phase, batch, training)
+        return terms_lib.reduce_terms(merged, self.sample_weight(batch))
+
+    def _named_terms(self, phase: _Phase, batch, training: bool) -> dict[str, tf.Tensor]:
+        """One phase's terms, named and checked (not reduced); records their names."""
         with terms_lib.LossRecorder() as recorder:
             if self._terms_take_phase:
                 user_terms = self.compute_terms(batch, training, phase=phase.name)
@@ -377,7 +382,7 @@ class Trainer:
                 "layer called add_loss."
             )
         self.term_names[phase.name] = tuple(merged)
-        return terms_lib.reduce_terms(merged, self.sample_weight(batch))
+        return merged
 
     def _check_weight_names(self) -> None:
         known = sorted({n for names in self.term_names.values() for n in names})
@@ -569,6 +574,35 @@ class Trainer:
         if self._checkpoints is not None:
             self._restored_from = self._checkpoints.restore()
         self._state_ready = True
+
+    def build(self, data, *, batch_size: int = 32) -> dict[str, tuple[str, ...]]:
+        """Builds models and optimizers, restores the latest checkpoint, and checks the terms.
+
+        `fit` and `evaluate` do this themselves; call it to find a bad term name or `weights`
+        key before any training (scripts turn these errors into one-line messages). It runs
+        one eager forward pass per phase on the first batch of `data` with `training=False`
+        and changes no weight (a term that exists only in training is checked when `fit`
+        traces its step).
+
+        Args:
+            data: a `tf.data.Dataset` of batches, or arrays, as for `fit`.
+            batch_size: the batch size for arrays.
+
+        Returns:
+            Each phase's term names, in the order they are summed.
+
+        Raises:
+            ValueError: on duplicate or non-float terms, or a `weights` key naming no term;
+                the message lists the known term names.
+        """
+        validation.positive_int("batch_size", batch_size)
+        dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=False)
+        self._prepare_state(dataset)
+        batch = next(iter(dataset))
+        for phase in self.phases.values():
+            self._named_terms(phase, batch, training=False)
+        self._check_weight_names()
+        return dict(self.term_names)
 
     def _train_iterator_for(self, dataset: tf.data.Dataset):
         if dataset is self._train_dataset:

@@ -268,3 +268,17 @@ def test_two_phases_each_update_their_own_variables():
 def test_several_phases_need_a_phase_argument():
     with pytest.raises(ValueError, match="must take a `phase` argument"):
         Trainer(linear_model(), {"a": sgd(), "b": sgd()})
+
+
+def test_build_checks_weights_eagerly_and_changes_nothing():
+    x, y = regression_data(32)
+    model = penalised_model()
+    before = weights_of(model)
+    t = Trainer(model, sgd(), loss=losses.mean_squared_error, progress=False)
+    assert t.build((x, y)) == {"train": ("loss", "sparsity", "regularization")}
+    bad = Trainer(model, sgd(), loss=losses.mean_squared_error, weights={"kl": 1.0})
+    with pytest.raises(ValueError, match=r"\['kl'\]; known term names: \['loss', 'regular"):
+        bad.build((x, y))
+    for a, b in zip(before, weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert t.step == 0 and bad.step == 0
