@@ -17,11 +17,18 @@ Options that act on the KL term:
 
 from __future__ import annotations
 
+import os
+
 import keras
+import numpy as np
 import tensorflow as tf
+from absl import logging
 
 import losses
-from trainer import Trainer
+from models import data as data_lib
+from models import images as images_lib
+from models.config import RunConfig, config_errors, make_optimizer, set_up, trainer_options
+from trainer import Trainer, schedules
 
 
 class GaussianKL(keras.layers.Layer):
@@ -43,6 +50,8 @@ class GaussianKL(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         mean, log_variance = inputs
+        # The KL in float32 whatever the compute precision.
+        mean, log_variance = tf.cast(mean, tf.float32), tf.cast(log_variance, tf.float32)
         if self.free_bits > 0 and training:
             per_dimension = losses.gaussian_kl_per_dimension(mean, log_variance)
             self.add_loss(losses.free_bits_kl(per_dimension, self.free_bits))
@@ -101,11 +110,13 @@ def build_vae(
         h = keras.layers.Dense((height // 4) * (width // 4) * 64, activation="relu")(h)
         h = keras.layers.Reshape((height // 4, width // 4, 64))(h)
         h = keras.layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu")(h)
-        logits = keras.layers.Conv2DTranspose(channels, 3, strides=2, padding="same")(h)
+        logits = keras.layers.Conv2DTranspose(
+            channels, 3, strides=2, padding="same", dtype="float32"
+        )(h)
     else:
         h = keras.layers.Dense(128, activation="relu")(latents)
         h = keras.layers.Dense(256, activation="relu")(h)
-        h = keras.layers.Dense(height * width * channels)(h)
+        h = keras.layers.Dense(height * width * channels, dtype="float32")(h)
         logits = keras.layers.Reshape(image_shape)(h)
     decoder = keras.Model(latents, logits, name="decoder")
 
@@ -121,5 +132,102 @@ class VAETrainer(Trainer):
 
     def compute_terms(self, batch, training):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        logits = self.model(images, training=training)
+        logits = tf.cast(self.model(images, training=training), tf.float32)
         return {"reconstruction": losses.bernoulli_nll(images, logits)}
+
+
+def _scaled(schedule: schedules.Schedule, factor: float) -> schedules.Schedule:
+    """factor x schedule: beta times the KL weight (Higgins et al. 2017)."""
+    return schedules.Schedule(lambda step: factor * schedule(step), f"{factor:g}*{schedule.spec}")
+
+
+def _batches(x: np.ndarray, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dataset:
+    dataset = tf.data.Dataset.from_tensor_slices(x)
+    if shuffle:
+        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
+
+
+def train_and_evaluate(
+    config: RunConfig,
+    *,
+    latent_dim: int = 8,
+    free_bits: float = 0.0,
+    beta: float = 1.0,
+    kl_warmup: str = "linear:0:1:1000",
+) -> dict[str, float]:
+    """Trains a VAE on `config.dataset` up to `config.steps`, then evaluates it held out.
+
+    Writes to `config.log_dir`: TensorBoard scalars, images of test inputs beside their
+    reconstructions and of samples from the prior, `samples.png`, and checkpoints (a rerun of
+    the same command resumes, and finishes the same job).
+
+    Args:
+        config: the common run options.
+        latent_dim: size of z.
+        free_bits: lambda of free bits (Kingma et al. 2016), nats per latent dimension; 0: off.
+        beta: multiplies the KL weight (beta-VAE); 1 is the ELBO.
+        kl_warmup: the KL's weight schedule when `config.weights` gives none for `kl`.
+
+    Returns:
+        The held-out `reconstruction`, `kl` and `negative_elbo` (nats per image), and `total`.
+
+    Raises:
+        ConfigError: for bad options or data, before any training.
+    """
+    strategy = set_up(config)
+    with config_errors():
+        if latent_dim <= 0:
+            raise ValueError(f"--latent_dim ({latent_dim}) must be a positive integer.")
+        if not beta > 0:
+            raise ValueError(f"--beta ({beta}) must be positive.")
+        split = data_lib.load_images(config.dataset, seed=config.seed)
+        weights = dict(config.weights)
+        kl_schedule = schedules.parse(weights.get("kl", kl_warmup))
+        weights["kl"] = _scaled(kl_schedule, beta) if beta != 1 else kl_schedule
+        with strategy.scope():
+            vae, encoder, decoder = build_vae(split.image_shape, latent_dim, free_bits, config.seed)
+            optimizer = make_optimizer(config)
+        hparams = {
+            **config.hparams(),
+            "latent_dim": latent_dim,
+            "free_bits": free_bits,
+            "beta": beta,
+        }
+        trainer = VAETrainer(
+            vae, optimizer, **trainer_options(config, strategy, weights=weights, hparams=hparams)
+        )
+        test = _batches(split.x_test, config.batch_size, shuffle=False, seed=config.seed)
+        trainer.build(test)
+    train = _batches(split.x_train, config.batch_size, shuffle=True, seed=config.seed)
+    trainer.fit(train, until_step=config.steps)
+    results = trainer.evaluate(test)
+    results["negative_elbo"] = results["reconstruction"] + results["kl"]
+    step = trainer.step
+    if trainer.writer is not None:
+        trainer.writer.scalars(step, {"eval/negative_elbo": results["negative_elbo"]})
+        _write_images(trainer, encoder, decoder, split.x_test, latent_dim, config, step)
+        trainer.writer.flush()
+    logging.info(
+        "Held-out negative ELBO %.2f nats (reconstruction %.2f + KL %.2f) at step %d",
+        results["negative_elbo"],
+        results["reconstruction"],
+        results["kl"],
+        step,
+    )
+    return results
+
+
+def _write_images(trainer, encoder, decoder, x_test, latent_dim, config, step) -> None:
+    """Inputs beside reconstructions, and samples from the prior: TensorBoard and samples.png."""
+    scale = max(1, 64 // x_test.shape[1])
+    inputs = x_test[:16]
+    mean, _ = encoder(inputs, training=False)
+    reconstructions = tf.sigmoid(tf.cast(decoder(mean, training=False), tf.float32)).numpy()
+    pairs = np.stack([inputs, reconstructions], axis=1).reshape(-1, *inputs.shape[1:])
+    trainer.writer.image("reconstructions", images_lib.grid(pairs, columns=8, scale=scale), step)
+    z = tf.random.stateless_normal([64, latent_dim], seed=[config.seed, 1])
+    samples = tf.sigmoid(tf.cast(decoder(z, training=False), tf.float32)).numpy()
+    sample_grid = images_lib.grid(samples, columns=8, scale=scale)
+    trainer.writer.image("samples", sample_grid, step)
+    images_lib.save_png(os.path.join(config.log_dir, "samples.png"), sample_grid)

@@ -1,0 +1,225 @@
+"""What every reference job shares: its run options, their checks, and the run's set-up.
+
+A script turns its flags into a `RunConfig` and calls one job (`models.vae.train_and_evaluate`,
+...). The job checks the config before any training; a bad value is a `ConfigError` whose
+message names the flag, which the scripts print as one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import keras
+import tensorflow as tf
+
+from trainer import schedules
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+# Trainer arguments that are also flags: an error that names one names the flag.
+_FLAG_NAMED = (
+    "weights",
+    "balancer",
+    "log_every",
+    "grad_log_every",
+    "checkpoint_every",
+    "steps_per_execution",
+    "jit_compile",
+    "batch_size",
+    "steps",
+)
+
+
+class ConfigError(ValueError):
+    """A bad option or input, found before any training: one line, naming the flag."""
+
+
+@contextlib.contextmanager
+def config_errors():
+    """Turns the `ValueError`s raised inside into `ConfigError`s that name flags.
+
+    Use it around a job's set-up (data, model, Trainer, `Trainer.build`), never around training,
+    so that only errors in what the user gave become one-line messages.
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        for name in _FLAG_NAMED:
+            message = message.replace(f"`{name}`", f"--{name}")
+        raise ConfigError(message) from error
+
+
+def parse_weights(values: Iterable[str] | None) -> dict[str, str]:
+    """Parses `--weights` values: `term=schedule`, repeated or comma-separated.
+
+    Example: ["kl=cyclical:0:1:2000:0.5", "sparsity=0.1,regularization=linear:0:1:500"].
+
+    Returns:
+        Term name to schedule string (each checked with `trainer.schedules.parse`).
+
+    Raises:
+        ConfigError: naming --weights and the offending item.
+    """
+    weights: dict[str, str] = {}
+    for value in values or ():
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, sep, spec = item.partition("=")
+            name, spec = name.strip(), spec.strip()
+            if not sep or not name or not spec:
+                raise ConfigError(
+                    f"--weights item {item!r} must be TERM=SCHEDULE, e.g. kl=linear:0:1:2000."
+                )
+            if name in weights:
+                raise ConfigError(f"--weights gives term {name!r} twice.")
+            try:
+                schedules.parse(spec)
+            except ValueError as error:
+                raise ConfigError(f"--weights {name}={spec}: {error}") from None
+            weights[name] = spec
+    return weights
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The options every reference job shares (the scripts' common flags).
+
+    Attributes mirror the flags of the same names; see `scripts/common.py` for their help.
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    log_dir: str = "runs/run"
+    seed: int = 0
+    deterministic: bool = False
+    dataset: str = "digits"
+    weights: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    balancer: str | None = None
+    log_every: int = 100
+    grad_log_every: int = 0
+    checkpoint_every: int = 1000
+    strategy: str = "default"
+    steps_per_execution: int = 10
+    jit_compile: bool = False
+    mixed_precision: bool = False
+    progress: bool | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "steps_per_execution"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"--{name} ({value!r}) must be a positive integer.")
+        for name in ("log_every", "grad_log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(
+                    f"--{name} ({value!r}) must be a non-negative integer (0 turns it off)."
+                )
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate ({self.learning_rate!r}) must be positive.")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"--strategy ({self.strategy!r}) must be one of {', '.join(STRATEGIES)}."
+            )
+        if not self.log_dir:
+            raise ConfigError("--log_dir must not be empty.")
+        if not isinstance(self.weights, Mapping):
+            self.weights = parse_weights(self.weights)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """Checkpoints live in the run directory, so rerunning a command resumes it."""
+        return os.path.join(self.log_dir, "checkpoints")
+
+    def hparams(self) -> dict[str, object]:
+        """The options, flattened for TensorBoard's hparams plugin."""
+        values = dataclasses.asdict(self)
+        weights = values.pop("weights")
+        values.update({f"weight/{k}": v for k, v in weights.items()})
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The `tf.distribute` strategy named by --strategy.
+
+    * default: no distribution (one device).
+    * mirrored: `MirroredStrategy` over every local GPU (or the CPU).
+    * multi_worker: `MultiWorkerMirroredStrategy`; each worker's TF_CONFIG names the cluster.
+
+    Raises:
+        ConfigError: for an unknown name, or multi_worker without TF_CONFIG.
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ConfigError(
+                "--strategy=multi_worker needs the TF_CONFIG environment variable (the cluster "
+                "and this worker's task); see the README's 'Scaling out' section."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ConfigError(f"--strategy ({name!r}) must be one of {', '.join(STRATEGIES)}.")
+
+
+def set_up(config: RunConfig) -> tf.distribute.Strategy:
+    """Seeds, determinism and precision for a run; returns its strategy.
+
+    `--deterministic` makes TensorFlow's ops deterministic (same seed, same numbers, at some
+    cost in speed). `--mixed_precision` computes in float16 on a GPU (bfloat16 on a CPU) and
+    keeps variables and losses in float32.
+    """
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if config.mixed_precision:
+        policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+        keras.mixed_precision.set_global_policy(policy)
+    return make_strategy(config.strategy)
+
+
+def make_optimizer(config: RunConfig, learning_rate: float | None = None):
+    """Adam at --learning_rate, wrapped in a loss-scale optimizer under float16."""
+    optimizer = keras.optimizers.Adam(learning_rate or config.learning_rate)
+    if keras.mixed_precision.global_policy().compute_dtype == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def trainer_options(config: RunConfig, strategy: tf.distribute.Strategy, **extra) -> dict:
+    """The Trainer keyword arguments a RunConfig sets (pass the job's own as `extra`)."""
+    options = dict(
+        weights=dict(config.weights),
+        log_dir=config.log_dir,
+        log_every=config.log_every,
+        checkpoint_dir=config.checkpoint_dir,
+        checkpoint_every=config.checkpoint_every,
+        strategy=strategy,
+        steps_per_execution=config.steps_per_execution,
+        jit_compile=config.jit_compile,
+        progress=config.progress,
+        hparams=config.hparams(),
+    )
+    if config.balancer:
+        options["balancer"] = config.balancer
+    if config.grad_log_every:
+        options["grad_log_every"] = config.grad_log_every
+    options.update(extra)
+    return options
+
+
+def check_known(flag: str, value: str, allowed: Sequence[str]) -> str:
+    """Returns `value` if allowed, else a ConfigError naming the flag and the choices."""
+    if value not in allowed:
+        raise ConfigError(f"--{flag} ({value!r}) must be one of {', '.join(allowed)}.")
+    return value

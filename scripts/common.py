@@ -1,0 +1,116 @@
+"""The flags every Termwise script shares, and the way a script runs its one job.
+
+A script defines its own flags, calls `define_flags(...)` with its defaults, adopts these
+flags (so `--help` lists them) and ends with `run(job)`. A bad flag value, a bad
+`--weights` item or an unreadable `--dataset` is one line on stderr naming the flag, exit
+status 2, before any training.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+from models.config import STRATEGIES, ConfigError, RunConfig  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    log_dir: str,
+    dataset: str,
+    weights: str = "",
+    log_every: int = 100,
+    steps_per_execution: int = 10,
+) -> None:
+    """Defines the common flags with this script's defaults."""
+    flags.DEFINE_integer("steps", steps, "Total training steps (a rerun resumes up to this).")
+    flags.DEFINE_integer("batch_size", batch_size, "Global batch size.")
+    flags.DEFINE_float("learning_rate", learning_rate, "Adam learning rate.")
+    # absl.logging defines --log_dir (for log files we never write): give it our meaning.
+    FLAGS.set_default("log_dir", log_dir)
+    FLAGS["log_dir"].help = "Run directory: TensorBoard events, checkpoints, images."
+    flags.DEFINE_integer("seed", 0, "Random seed (model, data order, sampling).")
+    flags.DEFINE_boolean("deterministic", False, "Deterministic TensorFlow ops (slower).")
+    flags.DEFINE_string(
+        "dataset", dataset, "Data: a built-in name, or a path (see the script's docstring)."
+    )
+    flags.DEFINE_multi_string(
+        "weights",
+        [weights] if weights else [],
+        "Term weights, TERM=SCHEDULE, repeatable or comma-separated, e.g. "
+        "kl=cyclical:0:1:2000:0.5. Schedules: constant:V, linear:START:END:STEPS[:BEGIN], "
+        "cosine:..., exponential:START:RATE:STEPS, piecewise:V0:B1:V1..., "
+        "logistic:END:MIDPOINT:STEEPNESS, cyclical:LOW:HIGH:PERIOD[:RATIO[:CYCLES]].",
+    )
+    flags.DEFINE_string("balancer", None, "Loss balancer (see trainer.balancers).")
+    flags.DEFINE_integer("log_every", log_every, "Steps between TensorBoard scalars (0: off).")
+    flags.DEFINE_integer(
+        "grad_log_every", 0, "Steps between per-term gradient diagnostics (0: off)."
+    )
+    flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints (0: at the end).")
+    flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy.")
+    flags.DEFINE_integer(
+        "steps_per_execution", steps_per_execution, "Steps per compiled call (speed)."
+    )
+    flags.DEFINE_boolean("jit_compile", False, "Compile the step with XLA.")
+    flags.DEFINE_boolean(
+        "mixed_precision", False, "float16 (GPU) or bfloat16 (CPU) compute, float32 variables."
+    )
+
+
+def config_from_flags() -> RunConfig:
+    """The RunConfig the common flags describe (checked: a bad value is a ConfigError)."""
+    return RunConfig(
+        steps=FLAGS.steps,
+        batch_size=FLAGS.batch_size,
+        learning_rate=FLAGS.learning_rate,
+        log_dir=FLAGS.log_dir,
+        seed=FLAGS.seed,
+        deterministic=FLAGS.deterministic,
+        dataset=FLAGS.dataset,
+        weights=list(FLAGS.weights),
+        balancer=FLAGS.balancer,
+        log_every=FLAGS.log_every,
+        grad_log_every=FLAGS.grad_log_every,
+        checkpoint_every=FLAGS.checkpoint_every,
+        strategy=FLAGS.strategy,
+        steps_per_execution=FLAGS.steps_per_execution,
+        jit_compile=FLAGS.jit_compile,
+        mixed_precision=FLAGS.mixed_precision,
+    )
+
+
+def _fail(message: str) -> None:
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        _fail(str(error))
+
+
+def run(job) -> None:
+    """Runs `job()` as the program: one-line errors for bad input, absl logging to stderr."""
+
+    def main(argv):
+        if len(argv) > 1:
+            _fail(f"unexpected arguments {argv[1:]}; flags are written --name=value.")
+        logging.set_verbosity(logging.INFO)
+        try:
+            job()
+        except ConfigError as error:
+            _fail(str(error))
+
+    app.run(main, flags_parser=_parse_flags)
