@@ -199,6 +199,8 @@ class Trainer:
             self._nonfinite_step = self._counter("nonfinite_step", tf.int64)
             self._nonfinite_index = self._counter("nonfinite_index", tf.int32)
         self.term_names: dict[str, tuple[str, ...]] = {}
+        self._metrics: dict[str, tf.Tensor] = {}  # add_metric values of the current trace
+        self._phase_metrics: dict[str, dict[str, tf.Tensor]] = {}
         self._checked_names: list[str] = []
         self._checkpoints = None
         if checkpoint_dir:
@@ -359,10 +361,16 @@ class Trainer:
     def _phase_terms(self, phase: _Phase, batch, training: bool) -> dict[str, tf.Tensor]:
         """Computes, names, checks and reduces one phase's terms."""
         merged = self._named_terms(phase, batch, training)
+        metrics = self._phase_metrics.pop(phase.name, {})
+        if metrics:  # logged beside the terms, never summed into the total
+            self._phase_metrics[phase.name] = terms_lib.reduce_terms(
+                metrics, self.sample_weight(batch)
+            )
         return terms_lib.reduce_terms(merged, self.sample_weight(batch))
 
     def _named_terms(self, phase: _Phase, batch, training: bool) -> dict[str, tf.Tensor]:
         """One phase's terms, named and checked (not reduced); records their names."""
+        self._metrics = {}
         with terms_lib.LossRecorder() as recorder:
             if self._terms_take_phase:
                 user_terms = self.compute_terms(batch, training, phase=phase.name)
@@ -382,7 +390,41 @@ class Trainer:
                 "layer called add_loss."
             )
         self.term_names[phase.name] = tuple(merged)
+        clash = sorted(set(self._metrics) & {*merged, "total"})
+        if clash:
+            raise ValueError(
+                f"add_metric names {clash} are also loss terms (or 'total'); give metrics their "
+                f"own names. Known term names: {sorted(merged)}."
+            )
+        self._phase_metrics[phase.name], self._metrics = self._metrics, {}
         return merged
+
+    def add_metric(self, name: str, value) -> None:
+        """Logs `value` under `name` this step; call it inside `compute_terms`.
+
+        A metric is reduced like a term (a per-example value [batch, ...] to its sample-weighted
+        mean over the global batch, a scalar to its mean over replicas) and logged under `name`
+        at the logged steps and as `eval/<name>` by `evaluate`, but it is not a loss: it adds
+        nothing to the total and no gradient flows from it.
+
+        ```python
+        def compute_terms(self, batch, training):
+            x, y = batch
+            logits = self.model(x, training=training)
+            correct = tf.cast(tf.argmax(logits, -1) == tf.cast(y, tf.int64), tf.float32)
+            self.add_metric("accuracy", correct)        # per example: the batch accuracy
+            return {"cross_entropy": keras.losses.sparse_categorical_crossentropy(y, logits)}
+        ```
+
+        Raises:
+            ValueError: for a name that is not a non-empty string, given twice in one call of
+                `compute_terms`, or equal to a term's name.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"add_metric `name` ({name!r}) must be a non-empty string.")
+        if name in self._metrics:
+            raise ValueError(f"add_metric was called twice with the name {name!r} in one step.")
+        self._metrics[name] = tf.stop_gradient(tf.cast(value, tf.float32))
 
     def _check_weight_names(self) -> None:
         known = sorted({n for names in self.term_names.values() for n in names})
@@ -437,6 +479,7 @@ class Trainer:
                 logs[f"weight/{name}"] = weights[name] / replicas
                 logs[f"weighted/{name}"] = weighted[name]
             logs[f"total/{phase.name}"] = total
+            logs.update(self._phase_metrics.pop(phase.name, {}))
         self._check_weight_names()
         if self.on_nonfinite == "skip":
             self._skipped.assign_add(tf.cast(tf.logical_not(ok_all), tf.int64))
@@ -491,6 +534,7 @@ class Trainer:
             logs.update({name: value for name, value in reduced.items()})
             key = "total" if len(self.phases) == 1 else f"total/{phase.name}"
             logs[key] = total
+            logs.update(self._phase_metrics.pop(phase.name, {}))
         del replicas
         logs["examples"] = tf.cast(data_lib.batch_size_of(batch), tf.float32)
         return logs

@@ -282,3 +282,39 @@ def test_build_checks_weights_eagerly_and_changes_nothing():
     for a, b in zip(before, weights_of(model), strict=True):
         np.testing.assert_array_equal(a, b)
     assert t.step == 0 and bad.step == 0
+
+
+class WithMetrics(Trainer):
+    """Logs the batch's mean |y_pred| (per example) and max |y| (a scalar) as metrics."""
+
+    def compute_terms(self, batch, training):
+        x, y = batch
+        y_pred = self.model(x, training=training)
+        self.add_metric("output/mean_abs", tf.abs(y_pred)[:, 0])
+        self.add_metric("target_max", tf.reduce_max(tf.abs(y)))
+        return {"mse": losses.mean_squared_error(y, y_pred)}
+
+
+def test_metrics_are_logged_not_summed(tmp_path):
+    x, y = regression_data(32, features=2)
+    t = WithMetrics(linear_model(), sgd(0.0), progress=False, log_dir=str(tmp_path))
+    logs = t.fit((x, y), steps=1, batch_size=32)
+    pred = x.sum(1)  # w = 1, b = 0 and a zero learning rate
+    assert logs["output/mean_abs"] == pytest.approx(np.mean(np.abs(pred)), rel=1e-5)
+    assert logs["target_max"] == pytest.approx(np.max(np.abs(y)), rel=1e-6)
+    assert logs["total/train"] == pytest.approx(logs["loss/mse"])
+    assert t.term_names == {"train": ("mse",)}
+    result = t.evaluate((x, y), batch_size=8)
+    assert result["output/mean_abs"] == pytest.approx(np.mean(np.abs(pred)), rel=1e-5)
+    assert result["total"] == pytest.approx(result["mse"])
+
+
+def test_metric_named_like_a_term_is_an_error():
+    class Clash(Trainer):
+        def compute_terms(self, batch, training):
+            value = losses.mean_squared_error(batch[1], self.model(batch[0]))
+            self.add_metric("mse", value)
+            return {"mse": value}
+
+    with pytest.raises(ValueError, match=r"add_metric names \['mse'\] are also loss terms"):
+        Clash(linear_model(), sgd(), progress=False).build(regression_data(8, 2))
