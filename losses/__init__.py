@@ -6,19 +6,45 @@ replicas.
 """
 
 from losses.divergences import free_bits_kl, gaussian_kl, gaussian_kl_per_dimension
+from losses.layers import (
+    ActivityPenalty,
+    BernoulliSparsityKL,
+    FeatureDiversity,
+    GaussianActivityKL,
+    L1ActivitySparsity,
+    penalize,
+)
 from losses.likelihoods import (
     bernoulli_nll,
     mean_over_outputs,
     mean_squared_error,
     weighted_binary_crossentropy,
 )
+from losses.penalties import (
+    bernoulli_sparsity_kl,
+    feature_diversity,
+    fraction_below,
+    gaussian_moments_kl,
+    l1_activity,
+)
 
 __all__ = [
+    "ActivityPenalty",
+    "BernoulliSparsityKL",
+    "FeatureDiversity",
+    "GaussianActivityKL",
+    "L1ActivitySparsity",
     "bernoulli_nll",
+    "bernoulli_sparsity_kl",
+    "feature_diversity",
+    "fraction_below",
     "free_bits_kl",
     "gaussian_kl",
     "gaussian_kl_per_dimension",
+    "gaussian_moments_kl",
+    "l1_activity",
     "mean_over_outputs",
     "mean_squared_error",
+    "penalize",
     "weighted_binary_crossentropy",
 ]

@@ -1,0 +1,244 @@
+"""Layers that add a penalty on the tensor they see with `add_loss`, and `penalize` for models.
+
+Each layer returns its input unchanged and adds `scale * penalty(input)`; the Trainer names
+the term after the layer (`L1ActivitySparsity(name="sparsity_conv1")` gives the term
+`sparsity_conv1`) and schedules its weight like any other term.
+
+Keras 3 no longer accepts `model.add_loss(f(model.layers[0].output))` on a functional model
+(a symbolic tensor is not a loss). `penalize(model, layer_name, penalty)` does the same job
+without editing the model: it returns a new functional model that shares every layer (and so
+every weight) of `model`, with a penalty layer inserted after the named one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+
+from losses import penalties
+
+
+class ActivityPenalty(keras.layers.Layer):
+    """Adds `scale * penalty_fn(inputs)` with `add_loss` and returns `inputs` unchanged.
+
+    Example:
+        ```python
+        h = keras.layers.Dense(64, activation="relu")(x)
+        h = losses.ActivityPenalty(losses.l1_activity, name="sparsity_dense")(h)
+        ```
+
+    Args:
+        penalty_fn: maps the input to a per-example [batch] penalty or a scalar. To save the
+            layer in a `.keras` file it must be serialisable by Keras (a registered function).
+        scale: multiplies the penalty (a constant; the Trainer's `weights` schedule it).
+    """
+
+    def __init__(self, penalty_fn: Callable | None = None, scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if penalty_fn is not None and not callable(penalty_fn):
+            raise ValueError(f"`penalty_fn` ({penalty_fn!r}) must be callable.")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+            raise ValueError(f"`scale` ({scale!r}) must be a non-negative number.")
+        self.penalty_fn = penalty_fn
+        self.scale = float(scale)
+        self.supports_masking = True
+
+    def penalty(self, inputs) -> tf.Tensor:
+        """The unscaled penalty of `inputs`; subclasses override this."""
+        if self.penalty_fn is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} needs a `penalty_fn` or a `penalty` method."
+            )
+        return self.penalty_fn(inputs)
+
+    def call(self, inputs):
+        value = tf.cast(self.penalty(tf.cast(inputs, tf.float32)), tf.float32)
+        self.add_loss(value * self.scale if self.scale != 1.0 else value)
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = {**super().get_config(), "scale": self.scale}
+        if type(self) is ActivityPenalty:
+            config["penalty_fn"] = keras.saving.serialize_keras_object(self.penalty_fn)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "penalty_fn" in config:
+            config["penalty_fn"] = keras.saving.deserialize_keras_object(config["penalty_fn"])
+        return cls(**config)
+
+
+class L1ActivitySparsity(ActivityPenalty):
+    """Adds the L1 activity penalty `scale * l1_activity(inputs, mean=mean)`, per example.
+
+    See `losses.l1_activity` (Glorot et al. 2011). With `mean=True` the penalty is the mean
+    |activation|, independent of the layer's size.
+    """
+
+    def __init__(self, scale: float = 1.0, mean: bool = False, **kwargs):
+        super().__init__(None, scale, **kwargs)
+        self.mean = bool(mean)
+
+    def penalty(self, inputs):
+        return penalties.l1_activity(inputs, mean=self.mean)
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean}
+
+
+class FeatureDiversity(ActivityPenalty):
+    """Adds `scale * feature_diversity(inputs, between=between)`, a scalar batch statistic.
+
+    See `losses.feature_diversity` (mean pairwise cosine similarity; cf. Cogswell et al. 2016).
+    """
+
+    def __init__(self, scale: float = 1.0, between: str = "examples", **kwargs):
+        super().__init__(None, scale, **kwargs)
+        if between not in ("examples", "units"):
+            raise ValueError(f"`between` ({between!r}) must be 'examples' or 'units'.")
+        self.between = between
+
+    def penalty(self, inputs):
+        return penalties.feature_diversity(inputs, between=self.between)
+
+    def get_config(self):
+        return {**super().get_config(), "between": self.between}
+
+
+class BernoulliSparsityKL(ActivityPenalty):
+    """Adds `scale * bernoulli_sparsity_kl(inputs, target, squash=squash)` (Ng 2011), a scalar."""
+
+    def __init__(self, target: float = 0.05, scale: float = 1.0, squash: str = "sigmoid", **kwargs):
+        super().__init__(None, scale, **kwargs)
+        if not 0.0 < target < 1.0:
+            raise ValueError(f"`target` ({target!r}) must be in (0, 1).")
+        if squash not in penalties.SQUASHES:
+            raise ValueError(
+                f"`squash` ({squash!r}) must be one of {', '.join(penalties.SQUASHES)}."
+            )
+        self.target = float(target)
+        self.squash = squash
+
+    def penalty(self, inputs):
+        return penalties.bernoulli_sparsity_kl(inputs, self.target, squash=self.squash)
+
+    def get_config(self):
+        return {**super().get_config(), "target": self.target, "squash": self.squash}
+
+
+class GaussianActivityKL(ActivityPenalty):
+    """Adds `scale * gaussian_moments_kl(inputs, sigma)`: batch moments vs N(0, sigma^2)."""
+
+    def __init__(self, sigma: float = 1.0, scale: float = 1.0, **kwargs):
+        super().__init__(None, scale, **kwargs)
+        if not sigma > 0:
+            raise ValueError(f"`sigma` ({sigma!r}) must be positive.")
+        self.sigma = float(sigma)
+
+    def penalty(self, inputs):
+        return penalties.gaussian_moments_kl(inputs, self.sigma)
+
+    def get_config(self):
+        return {**super().get_config(), "sigma": self.sigma}
+
+
+def penalize(
+    model: keras.Model,
+    layer_name: str,
+    penalty: keras.layers.Layer | Callable,
+    *,
+    name: str | None = None,
+    scale: float = 1.0,
+) -> keras.Model:
+    """Returns `model` with a penalty on one layer's output, sharing all of its weights.
+
+    The Keras 2 idiom `model.add_loss(f(model.get_layer(name).output))` raises in Keras 3.
+    This rebuilds the model's graph from its own layer objects (so the new model's variables
+    ARE the original's: training either trains both) and passes the named layer's output
+    through the penalty layer before the layers that consume it. The original is unchanged.
+
+    ```python
+    model = keras.applications.MobileNetV2(weights=None)              # or any functional model
+    model = losses.penalize(model, "block_1_expand_relu",
+                            losses.L1ActivitySparsity(mean=True, name="sparsity_block_1"))
+    ```
+
+    Works for Sequential models and functional models (built from `keras.Input`); the layer is
+    one of `model.layers` (a layer inside a nested model is not reachable). Penalise several
+    layers by calling it again on the result.
+
+    Args:
+        model: a built Sequential or functional model.
+        layer_name: the name of the layer whose output is penalised.
+        penalty: a penalty layer (an `ActivityPenalty`, or any layer that returns its input),
+            or a function of the output, wrapped in `ActivityPenalty(penalty, scale, name=name)`.
+        name: the term's name when `penalty` is a function (default: `<layer_name>_penalty`).
+        scale: the penalty's constant factor when `penalty` is a function.
+
+    Returns:
+        A new functional model named `model.name`, with the same inputs and outputs.
+
+    Raises:
+        ValueError: for an unknown layer (listing the model's layer names), a model that is not
+            Sequential or functional, or a `name` that a layer of the model already has.
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"`model` ({model!r}) must be a Keras Sequential or functional model.")
+    names = [layer.name for layer in model.layers]
+    if layer_name not in names:
+        raise ValueError(
+            f"`layer_name` ({layer_name!r}) is not a layer of model {model.name!r}; its layers "
+            f"are: {', '.join(names)}."
+        )
+    if isinstance(penalty, keras.layers.Layer):
+        if name is not None and name != penalty.name:
+            raise ValueError(f"`name` ({name!r}) is for a penalty function; name the layer.")
+        penalty_layer = penalty
+    elif callable(penalty):
+        penalty_layer = ActivityPenalty(penalty, scale, name=name or f"{layer_name}_penalty")
+    else:
+        raise ValueError(f"`penalty` ({penalty!r}) must be a Keras layer or a function.")
+    if penalty_layer.name in names:
+        raise ValueError(
+            f"The penalty's name {penalty_layer.name!r} is already a layer of model "
+            f"{model.name!r}; term names must be unique."
+        )
+
+    if isinstance(model, keras.Sequential):
+        if not model.built or not model.inputs:
+            raise ValueError(
+                f"Sequential model {model.name!r} is not built: give it a `keras.Input` first."
+            )
+        source = model.inputs[0]
+        inputs = keras.Input(shape=source.shape[1:], batch_size=source.shape[0], dtype=source.dtype)
+        outputs = inputs
+        for layer in model.layers:
+            outputs = layer(outputs)
+            if layer.name == layer_name:
+                outputs = penalty_layer(outputs)
+        return keras.Model(inputs, outputs, name=model.name)
+
+    if not any(cls.__name__ == "Functional" for cls in type(model).__mro__):
+        raise ValueError(
+            f"`model` ({model.name!r}, a {type(model).__name__}) must be Sequential or functional; "
+            "a subclassed model has no graph to rewire: add the penalty layer in its `call`."
+        )
+
+    def call_function(layer, *args, **kwargs):
+        outputs = layer(*args, **kwargs)
+        if layer.name == layer_name:
+            outputs = penalty_layer(outputs)
+        return outputs
+
+    # The same layer objects (so the same variables), called on new inputs; `clone_model` keeps
+    # the model's name and its input and output structure.
+    return keras.models.clone_model(
+        model, clone_function=lambda layer: layer, call_function=call_function
+    )
