@@ -1,19 +1,46 @@
 """The flags every Termwise script shares, and the way a script runs its one job.
 
 A script defines its own flags, calls `define_flags(...)` with its defaults, adopts these
-flags (so `--help` lists them) and ends with `run(job)`. A bad flag value, a bad
+flags with `flags.adopt_module_key_flags(common)` (so `--help` lists them) and ends with
+`run(job)`. A bad flag value, a bad
 `--weights` item or an unreadable `--dataset` is one line on stderr naming the flag, exit
 status 2, before any training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silences file descriptor 2 while TensorFlow loads.
+
+    TensorFlow's native code logs CUDA probing on CPU-only machines to stderr before its
+    logger is set up, whatever TF_CPP_MIN_LOG_LEVEL says; the scripts' errors must be one
+    line. Python-level errors are still raised (and printed) after the descriptor is back.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+with _quiet_native_stderr():
+    import tensorflow as tf
+
+    tf.constant(0.0)  # initialises the devices (and their native log lines) here
 
 from models.config import STRATEGIES, ConfigError, RunConfig  # noqa: E402
 
@@ -38,6 +65,7 @@ def define_flags(
     # absl.logging defines --log_dir (for log files we never write): give it our meaning.
     FLAGS.set_default("log_dir", log_dir)
     FLAGS["log_dir"].help = "Run directory: TensorBoard events, checkpoints, images."
+    flags.declare_key_flag("log_dir")
     flags.DEFINE_integer("seed", 0, "Random seed (model, data order, sampling).")
     flags.DEFINE_boolean("deterministic", False, "Deterministic TensorFlow ops (slower).")
     flags.DEFINE_string(
@@ -99,6 +127,8 @@ def _parse_flags(argv):
         return FLAGS(argv)
     except flags.Error as error:
         _fail(str(error))
+    except SystemExit as done:  # absl exits 1 after printing --help; asking for help is no error
+        sys.exit(0 if {"--help", "-h", "--helpshort", "--helpfull"} & set(argv) else done.code)
 
 
 def run(job) -> None:

@@ -25,6 +25,7 @@ common.define_flags(
     dataset="digits",
     weights="kl=linear:0:1:1000",
 )
+flags.adopt_module_key_flags(common)
 FLAGS = flags.FLAGS
 
 
