@@ -1,9 +1,11 @@
 """TensorBoard output: scalars by tag, the custom-scalars layout, hparams and images.
 
 The tags are a contract (see DESIGN.md): `loss/<term>`, `weight/<term>`, `weighted/<term>`,
-`total/<phase>`, `grad_norm/<term>`, `grad_cosine/<term>`, `optimizer/<phase>/learning_rate`,
-`perf/...`, `eval/<term>`. Everything here runs outside the compiled step, on Python floats or
-eager tensors, so the step knows nothing of files (the Orbit split).
+`total/<phase>`, `grad_norm/<term>`, `grad_cosine/<term>`, `grad_conflict/<phase>`,
+`optimizer/<phase>/learning_rate`, `perf/...`, `eval/<term>`, and the image
+`images/grad_cosine/<phase>` (the pairwise cosines of a phase's term gradients). Everything
+here runs outside the compiled step, on Python floats or eager tensors, so the step knows
+nothing of files (the Orbit split).
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ def layout_proto() -> layout_pb2.Layout:
     return layout_pb2.Layout(
         category=[layout_pb2.Category(title=t, chart=c) for t, c in categories.items()]
     )
+
+
+def cosine_image(matrix, cell: int = 16) -> np.ndarray:
+    """An RGB image ([T*cell, T*cell, 3], in [0, 1]) of a T x T cosine matrix.
+
+    Each cell is one pair of terms: red for +1, white for 0, blue for -1 (row i, column j is
+    the cosine between terms i and j, in the order of the phase's term names).
+    """
+    m = np.clip(np.nan_to_num(np.asarray(matrix, dtype=np.float32)), -1.0, 1.0)
+    positive, negative = np.maximum(m, 0.0), np.maximum(-m, 0.0)
+    image = np.stack([1.0 - negative, 1.0 - positive - negative, 1.0 - positive], axis=-1)
+    image = np.repeat(np.repeat(image, cell, axis=0), cell, axis=1)
+    return np.clip(image, 0.0, 1.0)
 
 
 class SummaryWriter:
@@ -81,6 +96,10 @@ class SummaryWriter:
     def image(self, tag: str, image, step: int) -> None:
         """Writes one image ([h, w, c] floats in [0, 1]) under `images/<tag>`."""
         self.images(tag, np.asarray(image)[None], step, max_outputs=1)
+
+    def cosine_matrix(self, phase: str, matrix, step: int) -> None:
+        """Writes a phase's pairwise gradient cosines as a heatmap, `images/grad_cosine/<phase>`."""
+        self.image(f"grad_cosine/{phase}", cosine_image(matrix), step)
 
     def flush(self) -> None:
         self._writer.flush()
