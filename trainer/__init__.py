@@ -5,9 +5,11 @@ Public surface:
     NonFiniteLossError: raised when a term becomes NaN or Inf with `on_nonfinite="raise"`.
     LossRecorder: records `add_loss` values by layer (what the Trainer uses each step).
     schedules: weights as functions of the step (`schedules.parse("linear:0:1:5000")`).
+    balancers: loss balancers (`balancers.PCGrad()`, `balancers.parse("gradnorm:1.5")`).
+    gradients: the per-term gradient engine (Gramian statistics, the dominance warning).
 """
 
-from trainer import schedules
+from trainer import balancers, gradients, schedules
 from trainer.terms import LossRecorder
 from trainer.trainer import NonFiniteLossError, Trainer
 
@@ -15,5 +17,7 @@ __all__ = [
     "LossRecorder",
     "NonFiniteLossError",
     "Trainer",
+    "balancers",
+    "gradients",
     "schedules",
 ]

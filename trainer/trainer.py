@@ -17,6 +17,7 @@ at the next logging, checkpoint or validation step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import time
 from collections.abc import Callable, Mapping
@@ -26,7 +27,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer import balancers as balancers_lib
 from trainer import data as data_lib
+from trainer import gradients as gradients_lib
 from trainer import schedules, validation
 from trainer import terms as terms_lib
 from trainer.checkpoints import Checkpoints
@@ -35,6 +38,8 @@ from trainer.summaries import SummaryWriter
 
 DEFAULT_PHASE = "train"
 ON_NONFINITE = ("raise", "skip")
+GRADIENT_TAGS = ("grad_norm/", "grad_cosine/", "grad_conflict/")
+_COSINE_MATRIX = "grad_cosine_matrix"  # a [T, T] output of diagnostic steps, drawn as an image
 
 Weight = float | schedules.Schedule | Callable[[tf.Tensor], tf.Tensor] | str
 
@@ -104,8 +109,19 @@ class Trainer:
             `add_loss` terms alone.
         weights: term name to weight: a number, a schedule (`trainer.schedules`) or a schedule
             string (`"linear:0:1:5000"`). Terms without one weigh 1.
+        balancer: a `trainer.balancers.Balancer` (or its string form, `"pcgrad"`,
+            `"gradnorm:1.5"`, see `balancers.parse`), or a dict of them keyed by phase name. Its
+            weights multiply the schedules' (`weight/<term>` logs the product); its state is
+            checkpointed. A balancer that needs gradients makes every step of its phase take
+            one backward pass per term.
         log_dir: TensorBoard run directory; None writes no events.
         log_every: write scalars every this many steps (0: only at the end of each `fit`).
+        grad_log_every: every this many steps (0: never), take one backward pass per term (the
+            update is their sum: no extra pass) and log `grad_norm/<term>`,
+            `grad_cosine/<term>`, `grad_conflict/<phase>` and the image
+            `images/grad_cosine/<phase>`.
+        dominance_ratio: warn (once per pair) when, on 3 diagnostic steps in a row, one term's
+            weighted gradient norm exceeds another's by more than this ratio; None: never.
         checkpoint_dir: checkpoint directory; None saves none. A directory that holds a
             checkpoint is restored from automatically.
         checkpoint_every: save every this many steps (0: only at the end of each `fit`).
@@ -133,8 +149,14 @@ class Trainer:
         *,
         loss=None,
         weights: Mapping[str, Weight] | None = None,
+        balancer: balancers_lib.Balancer
+        | str
+        | Mapping[str, balancers_lib.Balancer | str]
+        | None = None,
         log_dir: str | None = None,
         log_every: int = 100,
+        grad_log_every: int = 100,
+        dominance_ratio: float | None = 100.0,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 1000,
         max_checkpoints: int = 3,
@@ -156,6 +178,23 @@ class Trainer:
         self.log_dir = log_dir
         self.log_every = validation.non_negative_int(
             "log_every", log_every, zero_means="logs only the last step of each fit"
+        )
+        self.grad_log_every = validation.non_negative_int(
+            "grad_log_every", grad_log_every, zero_means="turns gradient diagnostics off"
+        )
+        self.balancers = self._check_balancers(balancer)
+        self._balancer_targets: dict[str, list[int] | None] = {}
+        if dominance_ratio is not None and (
+            isinstance(dominance_ratio, bool)
+            or not isinstance(dominance_ratio, (int, float))
+            or not dominance_ratio > 1
+        ):
+            raise ValueError(
+                f"`dominance_ratio` ({dominance_ratio!r}) must be a number > 1, or None (no "
+                "warning)."
+            )
+        self._dominance = (
+            None if dominance_ratio is None else gradients_lib.DominanceMonitor(dominance_ratio)
         )
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = validation.non_negative_int(
@@ -207,6 +246,7 @@ class Trainer:
             trackables = {"step": self._step, "nonfinite_skipped": self._skipped}
             trackables.update({f"model_{k}": m for k, m in self._models.items()})
             trackables.update({f"optimizer_{p.name}": p.optimizer for p in self.phases.values()})
+            trackables.update({f"balancer_{k}": b for k, b in self.balancers.items()})
             self._checkpoints = Checkpoints(checkpoint_dir, max_checkpoints, **trackables)
         self._writer = None
         self._hparams_written = False
@@ -215,6 +255,8 @@ class Trainer:
         self._train_dataset = None
         self._train_iterator = None
         self._train_function = None
+        self._diagnostic_function = None
+        self._step_functions = None
         self._eval_function = None
         self._last_logs: dict[str, float] = {}
         if all(m.built for m in self._models.values()):
@@ -267,6 +309,45 @@ class Trainer:
             f"`loss` ({loss!r}) must be None, a callable (y_true, y_pred) -> per-example values, "
             "a Keras loss, or a non-empty dict of them."
         )
+
+    def _check_balancers(self, balancer) -> dict[str, balancers_lib.Balancer]:
+        if balancer is None:
+            return {}
+        if isinstance(balancer, Mapping):
+            unknown = sorted(set(balancer) - set(self.phases))
+            if unknown:
+                raise ValueError(
+                    f"`balancer` names phases that do not exist: {unknown}; phases: "
+                    f"{list(self.phases)}."
+                )
+            items = list(balancer.items())
+        else:
+            items = [(name, balancer) for name in self.phases]
+            if len(items) > 1:
+                raise ValueError(
+                    f"`balancer` ({balancer!r}): with several phases ({list(self.phases)}) give a "
+                    "dict of balancers keyed by phase name (each keeps its own state)."
+                )
+        out, seen = {}, set()
+        for name, value in items:
+            where = "`balancer`" if not isinstance(balancer, Mapping) else f"`balancer[{name!r}]`"
+            if isinstance(value, str):
+                try:
+                    value = balancers_lib.parse(value)
+                except ValueError as error:
+                    raise ValueError(f"{where}: {error}") from None
+            if value is None:
+                continue
+            if not isinstance(value, balancers_lib.Balancer):
+                raise ValueError(
+                    f"{where} ({value!r}) must be a trainer.balancers.Balancer, a balancer "
+                    "string such as 'pcgrad' or 'gradnorm:1.5', or None."
+                )
+            if id(value) in seen:
+                raise ValueError(f"{where}: one balancer object serves only one phase.")
+            seen.add(id(value))
+            out[name] = value
+        return out
 
     def _counter(self, name: str, dtype: tf.DType) -> tf.Variable:
         return tf.Variable(
@@ -444,7 +525,73 @@ class Trainer:
         total = tf.add_n(list(weighted.values()))
         return weights, weighted, total
 
-    def _replica_train_step(self, batch):
+    @staticmethod
+    def _reweigh(reduced: Mapping[str, tf.Tensor], weights: Mapping[str, tf.Tensor], factors):
+        """Multiplies each term's weight by a balancer's factor (a [T] tensor, in term order)."""
+        weights = {n: weights[n] * factors[i] for i, n in enumerate(reduced)}
+        weighted = {n: weights[n] * reduced[n] for n in reduced}
+        return weights, weighted, tf.add_n(list(weighted.values()))
+
+    def _global_values(self, reduced: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """The terms' global values as a [T] tensor, the same on every replica, no gradient."""
+        values = tf.stop_gradient(tf.stack(list(reduced.values())))
+        if self.strategy.num_replicas_in_sync > 1:
+            ctx = tf.distribute.get_replica_context()
+            values = ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
+        return values
+
+    def _per_term_gradients(self, phase, tape, targets, weights, values, step, updates, diagnostic):
+        """The update from one backward pass per term, and the gradient diagnostics.
+
+        The per-term gradients are all-reduced across replicas (so every replica holds the
+        global ones), their Gramian gives the balancer's weights and the diagnostics, and the
+        update is their combination, divided by the number of replicas because the optimizer
+        sums the replicas' gradients in `apply`.
+
+        Returns:
+            (gradients for `optimizer.apply`, the weights by term name, the balancer's state
+            updates, the diagnostic logs: empty unless `diagnostic`).
+        """
+        names = list(weights)
+        replicas = self.strategy.num_replicas_in_sync
+        balancer = self.balancers.get(phase.name)
+        per_term = gradients_lib.term_gradients(tape, targets, phase.variables)
+        if replicas > 1:
+            ctx = tf.distribute.get_replica_context()
+            per_term = ctx.all_reduce(tf.distribute.ReduceOp.SUM, per_term)
+        stacks = gradients_lib.stack_by_variable(per_term)
+        # Scaled losses (mixed precision) scale the gradients; the Gramian is of the true ones.
+        unscale = 1.0
+        if isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer):
+            unscale = 1.0 / tf.square(tf.cast(phase.optimizer.scale_loss(1.0), tf.float32))
+        target = self._balancer_targets.get(phase.name)
+        gram = None
+        if diagnostic or target is None:
+            gram = gradients_lib.gramian(stacks) * unscale
+        coefficients = update = None  # None: 1 for every term
+        if balancer is not None and balancer.needs_gradients:
+            target_gram = (
+                gram if target is None else gradients_lib.gramian(stacks, target) * unscale
+            )
+            weighting = balancer.weights(values, step, target_gram)
+            coefficients = update = weighting.weights
+            if weighting.mixing is not None:  # gradient surgery: g_i' = sum_k C_ik w_k g_k
+                update = tf.reduce_sum(weighting.mixing, axis=0) * coefficients
+            updates = tuple(updates) + tuple(weighting.updates)
+            weights = {n: weights[n] * coefficients[i] for i, n in enumerate(names)}
+        combined = tf.ones([len(names)]) if update is None else update
+        grads = gradients_lib.combine(stacks, combined / float(replicas), phase.variables)
+        logs = {}
+        if diagnostic:
+            stats = gradients_lib.statistics(gram, coefficients, update)
+            for i, name in enumerate(names):
+                logs[f"grad_norm/{name}"] = stats["norms"][i] / replicas
+                logs[f"grad_cosine/{name}"] = stats["cosines"][i] / replicas
+            logs[f"grad_conflict/{phase.name}"] = stats["conflict"] / replicas
+            logs[f"{_COSINE_MATRIX}/{phase.name}"] = stats["cosine_matrix"] / replicas
+        return grads, weights, updates, logs
+
+    def _replica_train_step(self, batch, diagnostic: bool = False):
         step = self._step.read_value()
         halted = self._halted.read_value()
         logs = {}
@@ -454,11 +601,33 @@ class Trainer:
         self._checked_names = []
         for phase in self.phases.values():
             scale_loss = isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer)
-            with tf.GradientTape() as tape:
+            balancer = self.balancers.get(phase.name)
+            per_term = diagnostic or (balancer is not None and balancer.needs_gradients)
+            updates, values = (), None
+            with tf.GradientTape(persistent=per_term) as tape:
                 reduced = self._phase_terms(phase, batch, training=True)
                 weights, weighted, total = self._weigh(reduced, step)
-                target = phase.optimizer.scale_loss(total) if scale_loss else total
-            grads = tape.gradient(target, phase.variables)
+                if balancer is not None:
+                    balancer.build(tuple(reduced))  # built before tracing: checks the names
+                    values = self._global_values(reduced)
+                if balancer is not None and not balancer.needs_gradients:
+                    weighting = balancer.weights(values, step)
+                    weights, weighted, total = self._reweigh(reduced, weights, weighting.weights)
+                    updates = weighting.updates
+                scaled = phase.optimizer.scale_loss if scale_loss else (lambda loss: loss)
+                targets = [scaled(weighted[n]) for n in reduced] if per_term else None
+                target = None if per_term else scaled(total)
+            if per_term:
+                grads, weights, updates, diagnostics = self._per_term_gradients(
+                    phase, tape, targets, weights, values, step, updates, diagnostic
+                )
+                del tape
+                logs.update(diagnostics)
+                if balancer is not None and balancer.needs_gradients:
+                    weighted = {n: weights[n] * reduced[n] for n in reduced}
+                    total = tf.add_n(list(weighted.values()))
+            else:
+                grads = tape.gradient(target, phase.variables)
             flags = [tf.reduce_all(tf.math.is_finite(v)) for v in reduced.values()]
             names = [f"{phase.name}/{n}" for n in reduced]
             if not scale_loss:  # a LossScaleOptimizer handles its own overflowing gradients
@@ -473,6 +642,9 @@ class Trainer:
             self._record_nonfinite(ok_all, flags, step, offset=len(self._checked_names))
             self._checked_names.extend(names)
             self._conditional_apply(phase, grads, ok)
+            for variable, value in updates:  # balancer state: only with the update
+                value = tf.cast(value, variable.dtype)
+                variable.assign(tf.where(ok, value, tf.convert_to_tensor(variable)))
             ok_all = ok
             for name in reduced:
                 logs[f"loss/{name}"] = reduced[name]
@@ -551,22 +723,39 @@ class Trainer:
 
         return tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
 
-    def _make_train_function(self):
-        step_fn = self._compile_step(
-            self._replica_train_step, lambda key: tf.distribute.ReduceOp.SUM
-        )
+    def _make_train_function(self, diagnostic: bool = False):
+        """Runs `num_steps` steps; with `diagnostic`, the last one takes per-term gradients.
+
+        The host loop calls the diagnostic function for the compiled call that ends on a
+        multiple of `grad_log_every`, so a plain step never pays for diagnostics and no
+        `tf.cond` has to choose between an update from one or from T backward passes.
+        """
+        if self._step_functions is None:
+            sums = lambda key: tf.distribute.ReduceOp.SUM  # noqa: E731
+            plain = self._compile_step(self._replica_train_step, sums)
+            diagnose = self._compile_step(
+                functools.partial(self._replica_train_step, diagnostic=True), sums
+            )
+            self._step_functions = plain, diagnose
+        step_fn, last_fn = self._step_functions
+        if not diagnostic:
+            last_fn = step_fn
         step_var, halted = self._step, self._halted
 
-        def one(iterator):
-            logs = step_fn(next(iterator))
+        def one(fn, iterator):
+            logs = fn(next(iterator))
             step_var.assign_add(tf.cast(tf.logical_not(halted), tf.int64))
             return logs
 
         @tf.function
         def train_function(iterator, num_steps):
-            logs = one(iterator)
+            if diagnostic:
+                for _ in tf.range(num_steps - 1):
+                    one(step_fn, iterator)
+                return one(last_fn, iterator), halted.read_value()
+            logs = one(step_fn, iterator)
             for _ in tf.range(num_steps - 1):
-                logs = one(iterator)
+                logs = one(step_fn, iterator)
             return logs, halted.read_value()
 
         return train_function
@@ -743,6 +932,7 @@ class Trainer:
         if steps == 0:
             return dict(self._last_logs)
 
+        self._build_balancers(dataset)
         iterator = self._train_iterator_for(dataset)
         if self._train_function is None:
             self._train_function = self._make_train_function()
@@ -750,19 +940,31 @@ class Trainer:
         start = self.step
         end = start + steps
         progress = Progress(end, start, interactive=self.progress)
-        cadences = [c for c in (self.log_every, self.checkpoint_every, validation_every) if c]
+        cadences = [
+            c
+            for c in (self.log_every, self.checkpoint_every, validation_every, self.grad_log_every)
+            if c
+        ]
         host_step = start
         last_time, last_step = time.perf_counter(), start
         logs = {}
         while host_step < end:
             stop = min([end] + [(host_step // c + 1) * c for c in cadences])
             count = min(self.steps_per_execution, stop - host_step)
-            outputs, halted = self._train_function(iterator, tf.constant(count, tf.int32))
+            diagnose = bool(self.grad_log_every) and (host_step + count) % self.grad_log_every == 0
+            if diagnose and self._diagnostic_function is None:
+                self._diagnostic_function = self._make_train_function(diagnostic=True)
+            function = self._diagnostic_function if diagnose else self._train_function
+            outputs, halted = function(iterator, tf.constant(count, tf.int32))
             if self.on_nonfinite == "raise" and bool(halted):
                 self._raise_nonfinite()
             host_step += count
             final = host_step == end
             log_now = final or (self.log_every and host_step % self.log_every == 0)
+            outputs = dict(outputs)
+            matrices = {k: outputs.pop(k) for k in list(outputs) if k.startswith(_COSINE_MATRIX)}
+            if diagnose:
+                self._write_diagnostics(host_step, outputs, matrices, also_scalars=not log_now)
             if log_now or progress.due():
                 logs = self._host_logs(outputs)
             if log_now:
@@ -788,6 +990,75 @@ class Trainer:
         if self._writer is not None:
             self._writer.flush()
         return dict(logs)
+
+    def _write_diagnostics(self, step: int, outputs, matrices, *, also_scalars: bool) -> None:
+        """Writes a diagnostic step's gradient tags and cosine heatmaps; checks for dominance."""
+        if self._dominance is not None:
+            for phase, names in self.term_names.items():
+                norms = {n: float(outputs[f"grad_norm/{n}"]) for n in names}
+                weights = {n: float(outputs[f"weight/{n}"]) for n in names}
+                self._dominance.update(phase, norms, weights, step)
+        if self.writer is None:
+            return
+        if also_scalars:  # otherwise they go with this step's other scalars
+            self._write(
+                step, {k: float(v) for k, v in outputs.items() if k.startswith(GRADIENT_TAGS)}
+            )
+        for key, matrix in matrices.items():
+            self.writer.cosine_matrix(key.split("/", 1)[1], np.asarray(matrix), step)
+
+    def _build_balancers(self, dataset: tf.data.Dataset) -> None:
+        """Creates each balancer's state for its phase's terms, before the step is traced.
+
+        The term names come from tracing (not running) each phase's terms with `training=True`,
+        so they are the names the step will see; then the balancer's state is restored from the
+        checkpoint that `_prepare_state` restored, if any.
+        """
+        pending = {k: b for k, b in self.balancers.items() if not b.built}
+        if not pending:
+            return
+        names: dict[str, tuple[str, ...]] = {}
+
+        def trace(batch):
+            for phase in self.phases.values():
+                if phase.name in pending:
+                    names[phase.name] = tuple(self._named_terms(phase, batch, training=True))
+            return tf.constant(0)
+
+        with self.strategy.scope():
+            tf.function(trace).get_concrete_function(dataset.element_spec)
+        self._phase_metrics.clear()  # tensors of that scratch trace
+        with self.strategy.scope():
+            for phase_name, balancer in pending.items():
+                balancer.build(names[phase_name])
+        for phase_name, balancer in self.balancers.items():
+            if phase_name not in self._balancer_targets:
+                self._balancer_targets[phase_name] = self._target_indices(phase_name, balancer)
+        if self._restored_from:
+            self._checkpoints.restore_extra(**{f"balancer_{k}": b for k, b in pending.items()})
+
+    def _target_indices(self, phase_name: str, balancer) -> list[int] | None:
+        """Positions in the phase's variables of the balancer's target layer (None: all)."""
+        if balancer.layer is None:
+            return None
+        layers = {}
+        for model in self._models.values():
+            for layer in model._flatten_layers(include_self=True, recursive=True):
+                layers.setdefault(layer.name, layer)
+        if balancer.layer not in layers:
+            raise ValueError(
+                f"`balancer` target layer {balancer.layer!r} is not a layer of the model; "
+                f"layers: {sorted(layers)}."
+            )
+        wanted = {id(v) for v in layers[balancer.layer].trainable_variables}
+        phase = self.phases[phase_name]
+        indices = [i for i, v in enumerate(phase.variables) if id(v) in wanted]
+        if not indices:
+            raise ValueError(
+                f"`balancer` target layer {balancer.layer!r} has no trainable variables in "
+                f"phase {phase_name!r}."
+            )
+        return indices
 
     def _host_logs(self, outputs) -> dict[str, float]:
         logs = {k: float(v) for k, v in outputs.items()}
@@ -892,6 +1163,9 @@ class Trainer:
             )
         for name, fn in self.weights.items():
             values[f"weight/{name}"] = getattr(fn, "spec", repr(fn))
+        values["grad_log_every"] = self.grad_log_every
+        for name, balancer in self.balancers.items():
+            values[f"balancer/{name}"] = balancer.spec
         values.update(self._extra_hparams)
         self.writer.hparams(values)
         self._hparams_written = True
