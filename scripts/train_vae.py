@@ -1,7 +1,7 @@
 """Trains a variational autoencoder whose KL term is scheduled, and evaluates it held out.
 
     python scripts/train_vae.py                      # digits, offline, about a minute on 2 CPUs
-    python scripts/train_vae.py --weights kl=cyclical:0:1:1000:0.5 --free_bits 0.1
+    python scripts/train_vae.py --weights kl=cyclical:0:1:1250:0.5 --free_bits 0.1
     python scripts/train_vae.py --dataset mnist      # downloads once, then offline
     tensorboard --logdir runs/vae
 
@@ -14,16 +14,16 @@ from absl import flags
 
 from models import vae
 
-flags.DEFINE_integer("latent_dim", 8, "Size of the latent code z.")
+flags.DEFINE_integer("latent_dim", 16, "Size of the latent code z.")
 flags.DEFINE_float("free_bits", 0.0, "Free bits per latent dimension, in nats (0: off).")
 flags.DEFINE_float("beta", 1.0, "Multiplies the KL weight (beta-VAE); 1 trains the ELBO.")
 common.define_flags(
-    steps=3000,
+    steps=5000,
     batch_size=64,
     learning_rate=2e-3,
     log_dir="runs/vae",
     dataset="digits",
-    weights="kl=linear:0:1:1000",
+    weights="kl=linear:0:1:2000",
 )
 flags.adopt_module_key_flags(common)
 FLAGS = flags.FLAGS

@@ -77,4 +77,4 @@ def test_help_lists_every_flag_with_its_default():
     ):
         boolean = "--[no]" + flag[2:]  # how absl shows a boolean flag
         assert flag in out.stdout or boolean in out.stdout, flag
-    assert "(default: '3000')" in out.stdout
+    assert "(default: '5000')" in out.stdout
