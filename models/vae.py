@@ -151,10 +151,10 @@ def _batches(x: np.ndarray, batch_size: int, *, shuffle: bool, seed: int) -> tf.
 def train_and_evaluate(
     config: RunConfig,
     *,
-    latent_dim: int = 8,
+    latent_dim: int = 16,
     free_bits: float = 0.0,
     beta: float = 1.0,
-    kl_warmup: str = "linear:0:1:1000",
+    kl_warmup: str = "linear:0:1:2000",
 ) -> dict[str, float]:
     """Trains a VAE on `config.dataset` up to `config.steps`, then evaluates it held out.
 
