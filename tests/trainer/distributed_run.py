@@ -1,5 +1,8 @@
 """Trains a small penalised model on 1 or 2 replicas and prints the results as JSON.
 
+Two runs: scheduled weights with a gradient-diagnostic step, then a PCGrad-balanced run (per-term
+gradients on every step, all-reduced before they are combined) with diagnostics.
+
 Run as a script (TensorFlow's logical devices must be set before it initialises):
     python distributed_run.py {default,mirrored}
 """
@@ -21,7 +24,7 @@ import keras  # noqa: E402
 from helpers import penalised_model, regression_data  # noqa: E402
 
 import losses  # noqa: E402
-from trainer import Trainer  # noqa: E402
+from trainer import Trainer, balancers  # noqa: E402
 
 
 class Scalar(Trainer):
@@ -33,12 +36,7 @@ class Scalar(Trainer):
         return terms
 
 
-def main(kind):
-    strategy = (
-        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        if kind == "mirrored"
-        else tf.distribute.get_strategy()
-    )
+def train(strategy, **options):
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = penalised_model()
@@ -53,19 +51,28 @@ def main(kind):
         strategy=strategy,
         weights={"sparsity": "linear:0:1:4"},
         progress=False,
+        **options,
     )
     logs = t.fit(data, steps=6)
     evaluation = t.evaluate((x, y, sw.numpy()), batch_size=16)
-    print(
-        json.dumps(
-            {
-                "replicas": strategy.num_replicas_in_sync,
-                "logs": {k: v for k, v in logs.items() if not k.startswith("perf/")},
-                "eval": evaluation,
-                "weights": [w.numpy().ravel().tolist() for w in model.weights],
-            }
-        )
+    return {
+        "logs": {k: v for k, v in logs.items() if not k.startswith("perf/")},
+        "eval": evaluation,
+        "weights": [w.numpy().ravel().tolist() for w in model.weights],
+    }
+
+
+def main(kind):
+    strategy = (
+        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        if kind == "mirrored"
+        else tf.distribute.get_strategy()
     )
+    runs = {
+        "weighted": train(strategy, grad_log_every=3),
+        "pcgrad": train(strategy, grad_log_every=2, balancer=balancers.PCGrad()),
+    }
+    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "runs": runs}))
 
 
 if __name__ == "__main__":
