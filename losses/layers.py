@@ -12,7 +12,7 @@ every weight) of `model`, with a penalty layer inserted after the named one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import keras
 import tensorflow as tf
@@ -151,13 +151,13 @@ class GaussianActivityKL(ActivityPenalty):
 
 def penalize(
     model: keras.Model,
-    layer_name: str,
-    penalty: keras.layers.Layer | Callable,
+    layer_name: str | Mapping[str, keras.layers.Layer | Callable],
+    penalty: keras.layers.Layer | Callable | None = None,
     *,
     name: str | None = None,
     scale: float = 1.0,
 ) -> keras.Model:
-    """Returns `model` with a penalty on one layer's output, sharing all of its weights.
+    """Returns `model` with a penalty on a named layer's output, sharing all of its weights.
 
     The Keras 2 idiom `model.add_loss(f(model.get_layer(name).output))` raises in Keras 3.
     This rebuilds the model's graph from its own layer objects (so the new model's variables
@@ -168,17 +168,21 @@ def penalize(
     model = keras.applications.MobileNetV2(weights=None)              # or any functional model
     model = losses.penalize(model, "block_1_expand_relu",
                             losses.L1ActivitySparsity(mean=True, name="sparsity_block_1"))
+    model = losses.penalize(model, {"conv1": losses.L1ActivitySparsity(name="sparsity_conv1"),
+                                    "dense": losses.l1_activity})    # several at once
     ```
 
     Works for Sequential models and functional models (built from `keras.Input`); the layer is
     one of `model.layers` (a layer inside a nested model is not reachable). Penalise several
-    layers by calling it again on the result.
+    layers with one call and a dict (then each penalty layer is called once in the new graph,
+    and its `.output` is the penalised tensor), or by calling it again on the result.
 
     Args:
         model: a built Sequential or functional model.
-        layer_name: the name of the layer whose output is penalised.
+        layer_name: the name of the layer whose output is penalised, or a dict of layer name
+            to penalty (then leave `penalty` and `name` out).
         penalty: a penalty layer (an `ActivityPenalty`, or any layer that returns its input),
-            or a function of the output, wrapped in `ActivityPenalty(penalty, scale, name=name)`.
+            or a function of the output, wrapped in `ActivityPenalty(penalty, scale, name=...)`.
         name: the term's name when `penalty` is a function (default: `<layer_name>_penalty`).
         scale: the penalty's constant factor when `penalty` is a function.
 
@@ -187,29 +191,45 @@ def penalize(
 
     Raises:
         ValueError: for an unknown layer (listing the model's layer names), a model that is not
-            Sequential or functional, or a `name` that a layer of the model already has.
+            Sequential or functional, or a penalty name that is already a layer's.
     """
     if not isinstance(model, keras.Model):
         raise ValueError(f"`model` ({model!r}) must be a Keras Sequential or functional model.")
-    names = [layer.name for layer in model.layers]
-    if layer_name not in names:
-        raise ValueError(
-            f"`layer_name` ({layer_name!r}) is not a layer of model {model.name!r}; its layers "
-            f"are: {', '.join(names)}."
-        )
-    if isinstance(penalty, keras.layers.Layer):
-        if name is not None and name != penalty.name:
-            raise ValueError(f"`name` ({name!r}) is for a penalty function; name the layer.")
-        penalty_layer = penalty
-    elif callable(penalty):
-        penalty_layer = ActivityPenalty(penalty, scale, name=name or f"{layer_name}_penalty")
+    if isinstance(layer_name, Mapping):
+        if penalty is not None or name is not None:
+            raise ValueError("With a dict of penalties, give no `penalty` nor `name`.")
+        requested = dict(layer_name)
     else:
-        raise ValueError(f"`penalty` ({penalty!r}) must be a Keras layer or a function.")
-    if penalty_layer.name in names:
-        raise ValueError(
-            f"The penalty's name {penalty_layer.name!r} is already a layer of model "
-            f"{model.name!r}; term names must be unique."
-        )
+        requested = {layer_name: penalty}
+    names = [layer.name for layer in model.layers]
+    penalty_layers: dict[str, keras.layers.Layer] = {}
+    for target, value in requested.items():
+        if target not in names:
+            raise ValueError(
+                f"`layer_name` ({target!r}) is not a layer of model {model.name!r}; its layers "
+                f"are: {', '.join(names)}."
+            )
+        if isinstance(value, keras.layers.Layer):
+            if name is not None and name != value.name:
+                raise ValueError(f"`name` ({name!r}) is for a penalty function; name the layer.")
+            layer = value
+        elif callable(value):
+            layer = ActivityPenalty(value, scale, name=name or f"{target}_penalty")
+        else:
+            raise ValueError(f"`penalty` ({value!r}) must be a Keras layer or a function.")
+        taken = names + [p.name for p in penalty_layers.values()]
+        if layer.name in taken:
+            raise ValueError(
+                f"The penalty's name {layer.name!r} is already a layer of model "
+                f"{model.name!r}; term names must be unique."
+            )
+        penalty_layers[target] = layer
+
+    def call_function(layer, *args, **kwargs):
+        outputs = layer(*args, **kwargs)
+        if layer.name in penalty_layers:
+            outputs = penalty_layers[layer.name](outputs)
+        return outputs
 
     if isinstance(model, keras.Sequential):
         if not model.built or not model.inputs:
@@ -220,9 +240,7 @@ def penalize(
         inputs = keras.Input(shape=source.shape[1:], batch_size=source.shape[0], dtype=source.dtype)
         outputs = inputs
         for layer in model.layers:
-            outputs = layer(outputs)
-            if layer.name == layer_name:
-                outputs = penalty_layer(outputs)
+            outputs = call_function(layer, outputs)
         return keras.Model(inputs, outputs, name=model.name)
 
     if not any(cls.__name__ == "Functional" for cls in type(model).__mro__):
@@ -230,13 +248,6 @@ def penalize(
             f"`model` ({model.name!r}, a {type(model).__name__}) must be Sequential or functional; "
             "a subclassed model has no graph to rewire: add the penalty layer in its `call`."
         )
-
-    def call_function(layer, *args, **kwargs):
-        outputs = layer(*args, **kwargs)
-        if layer.name == layer_name:
-            outputs = penalty_layer(outputs)
-        return outputs
-
     # The same layer objects (so the same variables), called on new inputs; `clone_model` keeps
     # the model's name and its input and output structure.
     return keras.models.clone_model(

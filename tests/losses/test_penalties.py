@@ -159,6 +159,31 @@ def test_penalize_shares_weights_and_adds_the_named_term(make):
     assert recorder.terms() == {}
 
 
+@pytest.mark.parametrize("make", [_sequential, _functional], ids=["sequential", "functional"])
+def test_penalize_several_layers_at_once(make):
+    model = make()
+    x = np.random.default_rng(5).normal(size=(3, 5)).astype("float32")
+    penalized = losses.penalize(
+        model, {"hidden": losses.L1ActivitySparsity(name="sparsity_hidden"), "out": np.square}
+    )
+    assert [
+        layer.name
+        for layer in penalized.layers
+        if "penalty" in layer.name or "sparsity" in layer.name
+    ] == ["sparsity_hidden", "out_penalty"]
+    # Each penalty layer is called once in the new graph: its output is the penalised tensor.
+    probe = keras.Model(penalized.input, penalized.get_layer("sparsity_hidden").output)
+    hidden = keras.Model(model.inputs[0], model.get_layer("hidden").output)
+    np.testing.assert_allclose(probe(x), hidden(x), rtol=1e-6)
+    with LossRecorder() as recorder:
+        penalized(x)
+    np.testing.assert_allclose(
+        recorder.terms()["out_penalty"].numpy(), np.square(model(x).numpy()), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="no `penalty`"):
+        losses.penalize(model, {"hidden": np.abs}, np.abs)
+
+
 def test_penalize_errors_name_the_layer_and_list_valid_names():
     model = _functional()
     with pytest.raises(ValueError, match=r"'nosuch'.*hidden, side, concat, out"):
