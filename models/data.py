@@ -7,17 +7,31 @@
   loaded with `allow_pickle=False`.
 
 Images come back as float32 in [0, 1] with a channel axis: [n, h, w, 1].
+
+Series, for the forecasters (`load_forecast`):
+
+* `"mackey_glass"` (default): the chaotic Mackey-Glass series (tau = 17), generated here,
+  deterministically, offline.
+* `"PATH.csv"`: one numeric column (or the column named by `column`), with or without a header
+  row, in time order.
+
+A series is split chronologically (the test part is the end of the series), normalised with
+the training part's mean and standard deviation, and cut into windows of `window` past values,
+each with the value `horizon` steps after its last one as the target.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import math
 import os
 import zipfile
 
 import numpy as np
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
+SERIES_DATASETS = ("mackey_glass",)
 
 
 class DatasetError(ValueError):
@@ -127,3 +141,210 @@ def load_images(name: str = "digits", *, seed: int = 0, test_fraction: float = 0
         f"--dataset={name!r}: expected one of {', '.join(IMAGE_DATASETS)} or a path to an .npz "
         "file."
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Series.
+
+
+def mackey_glass(
+    length: int,
+    *,
+    tau: float = 17.0,
+    beta: float = 0.2,
+    gamma: float = 0.1,
+    exponent: float = 10.0,
+    initial: float = 1.2,
+    dt: float = 0.1,
+    sample_every: float = 1.0,
+    discard: float = 500.0,
+) -> np.ndarray:
+    """The Mackey-Glass series (Mackey & Glass 1977, "Oscillation and chaos in physiological
+    control systems"), the classic benchmark of chaotic time-series prediction.
+
+        dx/dt = beta * x(t - tau) / (1 + x(t - tau)^exponent) - gamma * x(t)
+
+    With the standard beta = 0.2, gamma = 0.1, exponent = 10 and tau = 17 the attractor is
+    chaotic (tau > 16.8). Integrated with the classical fourth-order Runge-Kutta scheme at step
+    `dt`, the delayed term at half steps taken as the mean of its two neighbours on the grid;
+    the history is x(t) = `initial` for t <= 0. Deterministic: same arguments, same series.
+
+    Args:
+        length: number of samples returned.
+        tau: the delay; `tau / dt` must be a whole number of steps.
+        beta, gamma, exponent: the equation's parameters.
+        initial: the constant history x(t), t <= 0.
+        dt: the integration step.
+        sample_every: time between returned samples (a whole number of steps).
+        discard: time integrated and dropped first, so the series starts on the attractor.
+
+    Returns:
+        float64 array [length] of x(discard + i * sample_every), i = 0..length-1.
+    """
+    if length <= 0:
+        raise ValueError(f"`length` ({length!r}) must be a positive integer.")
+    delay, every = round(tau / dt), round(sample_every / dt)
+    if not (math.isclose(delay * dt, tau) and math.isclose(every * dt, sample_every)) or every < 1:
+        raise ValueError(
+            f"`tau` ({tau}) and `sample_every` ({sample_every}) must be whole multiples of `dt` "
+            f"({dt})."
+        )
+    skip = round(discard / dt)
+    total = skip + (length - 1) * every + 1
+    x = np.empty(delay + total)
+    x[: delay + 1] = initial  # x[delay] is t = 0
+
+    def f(value, delayed):
+        return beta * delayed / (1.0 + delayed**exponent) - gamma * value
+
+    for n in range(delay, delay + total - 1):
+        now, lagged, lagged_next = x[n], x[n - delay], x[n - delay + 1]
+        lagged_half = 0.5 * (lagged + lagged_next)
+        k1 = f(now, lagged)
+        k2 = f(now + 0.5 * dt * k1, lagged_half)
+        k3 = f(now + 0.5 * dt * k2, lagged_half)
+        k4 = f(now + dt * k3, lagged_next)
+        x[n + 1] = now + dt / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+    return x[delay + skip :: every][:length].copy()
+
+
+def load_csv_series(path: str, column: str | None = None) -> np.ndarray:
+    """Reads one numeric column of a CSV file, in row order.
+
+    Args:
+        path: the file. A first row whose chosen cell is not a number is a header.
+        column: the header name of the column to read; None: the first column.
+
+    Returns:
+        float64 array of the column's values.
+
+    Raises:
+        DatasetError: one line, for a missing or unreadable file, an unknown column, or a value
+            that is empty, not a number or not finite.
+    """
+    if not os.path.isfile(path):
+        raise DatasetError(f"--dataset file {path!r} does not exist.")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if row and any(c.strip() for c in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"{path}: not a readable CSV file ({error}).") from None
+    if not rows:
+        raise DatasetError(f"{path}: expected a column of numbers, the file is empty.")
+    header, start = [c.strip() for c in rows[0]], 0
+    index = 0
+    if column is not None:
+        if column not in header:
+            raise DatasetError(
+                f"{path}: expected a header row with a column named {column!r}, found {header}."
+            )
+        index, start = header.index(column), 1
+    elif not _is_number(header[0]):
+        start = 1
+    values = []
+    for line, row in enumerate(rows[start:], start=start + 1):
+        cell = row[index].strip() if index < len(row) else ""
+        try:
+            value = float(cell)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise DatasetError(
+                f"{path}: row {line} of column {column or index + 1}: expected a finite number, "
+                f"got {cell!r}."
+            )
+        values.append(value)
+    return np.asarray(values, np.float64)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class ForecastSplit:
+    """Windows of a normalised series: x [n, window, 1] past values, y [n, 1] the target.
+
+    `mean` and `std` are the training part's: the raw value is `y * std + mean`.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    mean: float
+    std: float
+    horizon: int
+
+
+def windows(series: np.ndarray, window: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts a series into (history, target) pairs.
+
+    Pair i is x = series[i : i + window] and y = series[i + window - 1 + horizon]: the value
+    `horizon` steps after the window's last one.
+
+    Returns:
+        float32 x [n, window, 1] and y [n, 1], n = len(series) - window - horizon + 1.
+    """
+    series = np.asarray(series, np.float32)
+    n = len(series) - window - horizon + 1
+    if n <= 0:
+        raise ValueError(
+            f"A series of {len(series)} values has no window of {window} with a target "
+            f"{horizon} steps ahead."
+        )
+    index = np.arange(n)[:, None] + np.arange(window)[None, :]
+    return series[index][..., None], series[window - 1 + horizon :][:n, None]
+
+
+def load_forecast(
+    name: str = "mackey_glass",
+    *,
+    window: int = 24,
+    horizon: int = 8,
+    test_fraction: float = 0.2,
+    length: int = 6000,
+    column: str | None = None,
+) -> ForecastSplit:
+    """Loads a series, splits it in time, normalises it, and cuts it into windows.
+
+    Args:
+        name: "mackey_glass" or a path to a .csv file.
+        window: past values in each input.
+        horizon: steps ahead of the window's last value to forecast.
+        test_fraction: the final fraction of the series held out.
+        length: samples of a generated series.
+        column: the CSV column to read (None: the first).
+
+    Raises:
+        DatasetError: for an unknown name, an unreadable file, or a series too short to give
+            windows in both parts.
+    """
+    if name == "mackey_glass":
+        series = mackey_glass(length)
+    elif name.endswith(".csv"):
+        series = load_csv_series(name, column)
+    else:
+        raise DatasetError(
+            f"--dataset={name!r}: expected one of {', '.join(SERIES_DATASETS)} or a path to a "
+            ".csv file."
+        )
+    n_test = int(round(len(series) * test_fraction))
+    needed = window + horizon  # values a part needs for one window and its target
+    if n_test < needed or len(series) - n_test < 2 * needed:
+        raise DatasetError(
+            f"{name}: too short: {len(series)} values; windows of {window} with a target "
+            f"{horizon} ahead need {needed} in the test part ({test_fraction:g} of the series) "
+            f"and {2 * needed} in the training part."
+        )
+    train, test = series[:-n_test], series[-n_test:]
+    mean, std = float(train.mean()), float(train.std())
+    if not std > 0:
+        raise DatasetError(f"{name}: the training part of the series is constant.")
+    x_train, y_train = windows((train - mean) / std, window, horizon)
+    x_test, y_test = windows((test - mean) / std, window, horizon)
+    return ForecastSplit(x_train, y_train, x_test, y_test, mean, std, horizon)
