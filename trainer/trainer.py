@@ -7,7 +7,13 @@ One training step, per phase (a phase has a name, an optimizer, its variables an
             + {"regularization": sum of weight regularizers}     # if any variable has one
     shares  = reduce_terms(terms, sample_weight)                  # same totals on 1 or N replicas
     total   = sum_t weight_t(step) * share_t                      # weights: floats or schedules
+                                                                  #   (x a balancer's weights)
     update  = optimizer.apply(d total / d variables)             # only if every term is finite
+
+On a diagnostic step (every `grad_log_every` steps), and on every step of a phase whose
+balancer needs gradients, the gradient is instead taken once per weighted term (trainer/
+gradients.py); their Gramian gives `grad_norm/`, `grad_cosine/`, `grad_conflict/` and the
+balancer's weights, and the update is their (weighted or mixed) sum: no extra backward pass.
 
 The compiled step knows nothing of files: logging, checkpoints, validation and progress happen
 between compiled calls, each of which runs up to `steps_per_execution` steps and stops exactly
@@ -579,8 +585,12 @@ class Trainer:
                 update = tf.reduce_sum(weighting.mixing, axis=0) * coefficients
             updates = tuple(updates) + tuple(weighting.updates)
             weights = {n: weights[n] * coefficients[i] for i, n in enumerate(names)}
-        combined = tf.ones([len(names)]) if update is None else update
-        grads = gradients_lib.combine(stacks, combined / float(replicas), phase.variables)
+        if update is None:  # the plain sum: no multiplications
+            grads = [tf.add_n(list(g)) for g in zip(*per_term, strict=True)]
+            if replicas > 1:
+                grads = [g / float(replicas) for g in grads]
+        else:
+            grads = gradients_lib.combine(stacks, update / float(replicas), phase.variables)
         logs = {}
         if diagnostic:
             stats = gradients_lib.statistics(gram, coefficients, update)
@@ -835,6 +845,7 @@ class Trainer:
         for phase in self.phases.values():
             self._named_terms(phase, batch, training=False)
         self._check_weight_names()
+        self._build_balancers(dataset)  # a bad target layer fails here, before training
         return dict(self.term_names)
 
     def _train_iterator_for(self, dataset: tf.data.Dataset):
@@ -889,8 +900,10 @@ class Trainer:
 
         Returns:
             The last step's logs as floats: `loss/<term>`, `weight/<term>`, `weighted/<term>`,
-            `total/<phase>`, `optimizer/<phase>/learning_rate`, `perf/...` and, after a
-            validation, `eval/<term>`.
+            `total/<phase>`, `optimizer/<phase>/learning_rate`, `perf/...`, after a
+            validation `eval/<term>`, and when the last step was a diagnostic step (a multiple
+            of `grad_log_every`) `grad_norm/<term>`, `grad_cosine/<term>` and
+            `grad_conflict/<phase>`.
 
         Raises:
             ValueError: on bad arguments or term names, before any update.
@@ -1086,7 +1099,8 @@ class Trainer:
         """Evaluates every term and the total on `data` (training=False).
 
         Per-example terms are averaged over all examples (sample-weighted), scalar terms over
-        batches weighted by their size; the total uses the current step's weights.
+        batches weighted by their size; the total uses the current step's schedule weights
+        (a balancer's weights depend on training steps and are not applied here).
 
         Args:
             data: a `tf.data.Dataset` of batches or arrays, as for `fit`.

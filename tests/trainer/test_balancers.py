@@ -301,3 +301,15 @@ def test_balancer_state_survives_a_checkpoint_round_trip(tmp_path, spec):
     )
     for a, b in zip(weights_of(reference.model), weights_of(second.model), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_target_layer_fails_in_build():
+    x, y = regression_data(16)
+    t = Trainer(
+        penalised_model(),
+        keras.optimizers.SGD(0.1),
+        loss=losses.mean_squared_error,
+        balancer=balancers.GradNorm(layer="shared"),
+    )
+    with pytest.raises(ValueError, match=r"target layer 'shared' is not a layer.*'hidden'"):
+        t.build((x, y))
