@@ -115,11 +115,11 @@ class Trainer:
             `add_loss` terms alone.
         weights: term name to weight: a number, a schedule (`trainer.schedules`) or a schedule
             string (`"linear:0:1:5000"`). Terms without one weigh 1.
-        balancer: a `trainer.balancers.Balancer` (or its string form, `"pcgrad"`,
-            `"gradnorm:1.5"`, see `balancers.parse`), or a dict of them keyed by phase name. Its
-            weights multiply the schedules' (`weight/<term>` logs the product); its state is
-            checkpointed. A balancer that needs gradients makes every step of its phase take
-            one backward pass per term.
+        balancer: a `trainer.balancers.Balancer`, its string form (`"pcgrad"`, `"gradnorm:1.5"`,
+            see `balancers.parse`; with several phases, one balancer each), or a dict of them
+            keyed by phase name. Its weights multiply the schedules' (`weight/<term>` logs the
+            product); its state is checkpointed. A balancer that needs gradients makes every
+            step of its phase take one backward pass per term.
         log_dir: TensorBoard run directory; None writes no events.
         log_every: write scalars every this many steps (0: only at the end of each `fit`).
         grad_log_every: every this many steps (0: never), take one backward pass per term (the
@@ -327,12 +327,12 @@ class Trainer:
                     f"{list(self.phases)}."
                 )
             items = list(balancer.items())
-        else:
+        else:  # a string makes one balancer per phase; an object has only one phase's state
             items = [(name, balancer) for name in self.phases]
-            if len(items) > 1:
+            if len(items) > 1 and not isinstance(balancer, str):
                 raise ValueError(
                     f"`balancer` ({balancer!r}): with several phases ({list(self.phases)}) give a "
-                    "dict of balancers keyed by phase name (each keeps its own state)."
+                    "string (one balancer per phase) or a dict of balancers keyed by phase name."
                 )
         out, seen = {}, set()
         for name, value in items:

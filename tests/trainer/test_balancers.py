@@ -313,3 +313,17 @@ def test_unknown_target_layer_fails_in_build():
     )
     with pytest.raises(ValueError, match=r"target layer 'shared' is not a layer.*'hidden'"):
         t.build((x, y))
+
+
+def test_a_balancer_string_gives_each_phase_its_own():
+    optimizers = {"a": keras.optimizers.SGD(0.1), "b": keras.optimizers.SGD(0.1)}
+    models = {"a": linear_model(name="a"), "b": linear_model(name="b")}
+
+    class TwoPhase(Trainer):
+        def compute_terms(self, batch, training, phase):
+            return {}
+
+    t = TwoPhase(models, optimizers, balancer="ema")
+    assert set(t.balancers) == {"a", "b"} and t.balancers["a"] is not t.balancers["b"]
+    with pytest.raises(ValueError, match="with several phases"):
+        TwoPhase(models, optimizers, balancer=balancers.EMANormalize())
