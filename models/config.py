@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from trainer import schedules
+from trainer import balancers, schedules
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
@@ -105,7 +105,7 @@ class RunConfig:
     weights: Mapping[str, str] = dataclasses.field(default_factory=dict)
     balancer: str | None = None
     log_every: int = 100
-    grad_log_every: int = 0
+    grad_log_every: int = 100
     checkpoint_every: int = 1000
     strategy: str = "default"
     steps_per_execution: int = 10
@@ -134,6 +134,10 @@ class RunConfig:
             raise ConfigError("--log_dir must not be empty.")
         if not isinstance(self.weights, Mapping):
             self.weights = parse_weights(self.weights)
+        try:
+            balancers.parse(self.balancer)
+        except ValueError as error:
+            raise ConfigError(f"--balancer: {error}") from None
 
     @property
     def checkpoint_dir(self) -> str:
@@ -209,11 +213,9 @@ def trainer_options(config: RunConfig, strategy: tf.distribute.Strategy, **extra
         jit_compile=config.jit_compile,
         progress=config.progress,
         hparams=config.hparams(),
+        balancer=config.balancer,
+        grad_log_every=config.grad_log_every,
     )
-    if config.balancer:
-        options["balancer"] = config.balancer
-    if config.grad_log_every:
-        options["grad_log_every"] = config.grad_log_every
     options.update(extra)
     return options
 

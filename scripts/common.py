@@ -43,6 +43,7 @@ with _quiet_native_stderr():
     tf.constant(0.0)  # initialises the devices (and their native log lines) here
 
 from models.config import STRATEGIES, ConfigError, RunConfig  # noqa: E402
+from trainer import balancers  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -79,10 +80,12 @@ def define_flags(
         "cosine:..., exponential:START:RATE:STEPS, piecewise:V0:B1:V1..., "
         "logistic:END:MIDPOINT:STEEPNESS, cyclical:LOW:HIGH:PERIOD[:RATIO[:CYCLES]].",
     )
-    flags.DEFINE_string("balancer", None, "Loss balancer (see trainer.balancers).")
+    flags.DEFINE_string(
+        "balancer", None, "Loss balancer, one of: " + ", ".join(balancers.FORMS) + "."
+    )
     flags.DEFINE_integer("log_every", log_every, "Steps between TensorBoard scalars (0: off).")
     flags.DEFINE_integer(
-        "grad_log_every", 0, "Steps between per-term gradient diagnostics (0: off)."
+        "grad_log_every", 100, "Steps between per-term gradient diagnostics (0: off)."
     )
     flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints (0: at the end).")
     flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy.")

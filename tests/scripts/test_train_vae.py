@@ -39,6 +39,7 @@ def test_trains_then_resumes_to_the_total(tmp_path):
         ("--weights=nosuch=1", "--weights names terms that do not exist: ['nosuch']"),
         ("--weights=kl=linear:0:1", "--weights kl=linear:0:1"),
         ("--strategy=tpu", "--strategy"),
+        ("--balancer=magic", "--balancer: Balancer 'magic': unknown balancer"),
         ("--dataset=/no/such.npz", "/no/such.npz"),
     ],
 )
