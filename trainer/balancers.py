@@ -487,7 +487,7 @@ class AlignedMTL(Balancer):
         return Weighting(tf.ones([count]), mixing=b)
 
 
-def _numbers(spec: str, fields: Sequence[str], kinds: Sequence[type]) -> list:
+def _numbers(fields: Sequence[str], kinds: Sequence[type]) -> list:
     out = []
     for field, kind in zip(fields, kinds, strict=False):
         try:
@@ -535,19 +535,19 @@ def parse(spec: str | Balancer | None) -> Balancer | None:
         if name in ("none", ""):
             return None
         if name == "ema":
-            return EMANormalize(*_numbers(spec, fields, [float]))
+            return EMANormalize(*_numbers(fields, [float]))
         if name == "uncertainty":
-            return UncertaintyWeighting(*_numbers(spec, fields, [float]))
+            return UncertaintyWeighting(*_numbers(fields, [float]))
         if name == "dwa":
-            return DWA(*_numbers(spec, fields, [int, float]))
+            return DWA(*_numbers(fields, [int, float]))
         if name == "gradnorm":
-            numbers = _numbers(spec, fields[:2], [float, float])
+            numbers = _numbers(fields[:2], [float, float])
             layer = fields[2] if len(fields) == 3 and fields[2] else None
             return GradNorm(*numbers, layer=layer)
         if name == "pcgrad":
-            return PCGrad(*_numbers(spec, fields, [int]))
+            return PCGrad(*_numbers(fields, [int]))
         if name == "mgda":
-            return MGDA(*_numbers(spec, fields, [int]))
+            return MGDA(*_numbers(fields, [int]))
         return AlignedMTL()
     except ValueError as error:
         raise ValueError(f"Balancer {spec!r}: {error}; {help_text}.") from None
