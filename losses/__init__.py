@@ -5,6 +5,17 @@ statistic (a scalar); the Trainer does the reduction, so terms mean the same on 
 replicas.
 """
 
+from losses.adversarial import (
+    DriftPenalty,
+    drift_penalty,
+    feature_matching,
+    gradient_penalty,
+    nonsaturating_discriminator_loss,
+    nonsaturating_generator_loss,
+    r1_penalty,
+    wasserstein_critic_loss,
+    wasserstein_generator_loss,
+)
 from losses.divergences import free_bits_kl, gaussian_kl, gaussian_kl_per_dimension
 from losses.layers import (
     ActivityPenalty,
@@ -31,20 +42,29 @@ from losses.penalties import (
 __all__ = [
     "ActivityPenalty",
     "BernoulliSparsityKL",
+    "DriftPenalty",
     "FeatureDiversity",
     "GaussianActivityKL",
     "L1ActivitySparsity",
     "bernoulli_nll",
     "bernoulli_sparsity_kl",
+    "drift_penalty",
     "feature_diversity",
+    "feature_matching",
     "fraction_below",
     "free_bits_kl",
     "gaussian_kl",
     "gaussian_kl_per_dimension",
     "gaussian_moments_kl",
+    "gradient_penalty",
     "l1_activity",
     "mean_over_outputs",
     "mean_squared_error",
+    "nonsaturating_discriminator_loss",
+    "nonsaturating_generator_loss",
     "penalize",
+    "r1_penalty",
+    "wasserstein_critic_loss",
+    "wasserstein_generator_loss",
     "weighted_binary_crossentropy",
 ]
