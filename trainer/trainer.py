@@ -48,6 +48,9 @@ GRADIENT_TAGS = ("grad_norm/", "grad_cosine/", "grad_conflict/")
 _COSINE_MATRIX = "grad_cosine_matrix"  # a [T, T] output of diagnostic steps, drawn as an image
 
 Weight = float | schedules.Schedule | Callable[[tf.Tensor], tf.Tensor] | str
+BalancerArg = (
+    balancers_lib.Balancer | str | Mapping[str, balancers_lib.Balancer | str | None] | None
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -155,10 +158,7 @@ class Trainer:
         *,
         loss=None,
         weights: Mapping[str, Weight] | None = None,
-        balancer: balancers_lib.Balancer
-        | str
-        | Mapping[str, balancers_lib.Balancer | str]
-        | None = None,
+        balancer: BalancerArg = None,
         log_dir: str | None = None,
         log_every: int = 100,
         grad_log_every: int = 100,
