@@ -1,0 +1,82 @@
+"""Trains a DCGAN-style GAN in two phases (discriminator, then generator) with named penalties.
+
+    python scripts/train_gan.py                        # digits, offline, a few minutes on 2 CPUs
+    python scripts/train_gan.py --loss wgan_gp --r1_gamma 0 --drift 0.001
+    python scripts/train_gan.py --feature_matching l1 --weights feature_matching=0.1
+    python scripts/train_gan.py --dataset mnist        # downloads once, then offline
+    tensorboard --logdir runs/gan
+
+Terms: phase `discriminator`: d_adversarial, r1 (--r1_gamma > 0), gradient_penalty
+(--loss=wgan_gp), drift (--drift > 0); phase `generator`: g_adversarial, feature_matching
+(unless --feature_matching=none). --weights reweighs any of them.
+
+--dataset: digits (bundled with scikit-learn), mnist, fashion_mnist, or PATH.npz with an
+array `x` of images [n, h, w] or [n, h, w, 1].
+"""
+
+import common
+from absl import flags
+
+from models import gan
+
+flags.DEFINE_enum(
+    "loss",
+    "nonsaturating",
+    list(gan.ADVERSARIAL_LOSSES),
+    "Adversarial loss: nonsaturating (Goodfellow et al. 2014) or wgan_gp (Wasserstein critic "
+    "with the gradient penalty of Gulrajani et al. 2017; add --r1_gamma=0 for their setup).",
+)
+flags.DEFINE_integer("latent_dim", 32, "Size of the latent code z.")
+flags.DEFINE_integer("width", 32, "Base number of channels of both networks.")
+flags.DEFINE_float(
+    "r1_gamma", 0.1, "gamma of the R1 penalty on real data (Mescheder et al. 2018); 0: off."
+)
+flags.DEFINE_float("gp_weight", 10.0, "lambda of the WGAN-GP gradient penalty (--loss=wgan_gp).")
+flags.DEFINE_enum(
+    "feature_matching",
+    "l2",
+    list(gan.FEATURE_MATCHING),
+    "Feature matching on the discriminator's features (Salimans et al. 2016): l2, l1 or none.",
+)
+flags.DEFINE_float(
+    "drift", 0.0, "epsilon of the drift penalty epsilon D(x)^2 (Karras et al. 2018); 0: off."
+)
+flags.DEFINE_float(
+    "discriminator_learning_rate", None, "The discriminator's learning rate (default: the same)."
+)
+flags.DEFINE_integer("sample_every", 1000, "Steps between sample images (0: only at the end).")
+common.define_flags(
+    steps=3000,
+    batch_size=64,
+    learning_rate=5e-4,
+    log_dir="runs/gan",
+    dataset="digits",
+    steps_per_execution=20,
+)
+flags.adopt_module_key_flags(common)
+FLAGS = flags.FLAGS
+
+
+def main():
+    results = gan.train_and_evaluate(
+        common.config_from_flags(),
+        loss=FLAGS.loss,
+        latent_dim=FLAGS.latent_dim,
+        width=FLAGS.width,
+        r1_gamma=FLAGS.r1_gamma,
+        gp_weight=FLAGS.gp_weight,
+        feature_matching=FLAGS.feature_matching,
+        drift=FLAGS.drift,
+        discriminator_learning_rate=FLAGS.discriminator_learning_rate,
+        sample_every=FLAGS.sample_every,
+    )
+    terms = ", ".join(
+        f"{k} {v:.3f}" for k, v in results.items() if k != "step" and not k.startswith("total")
+    )
+    print(f"held-out at step {int(results['step'])}: {terms}")
+    print(f"samples: {FLAGS.log_dir}/samples.png")
+    print(f"TensorBoard: tensorboard --logdir {FLAGS.log_dir}")
+
+
+if __name__ == "__main__":
+    common.run(main)
