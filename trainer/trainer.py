@@ -138,7 +138,10 @@ class Trainer:
         checkpoint_data: save the training data iterator's position with each checkpoint.
         strategy: a `tf.distribute.Strategy`; models and optimizers must be created in its
             scope. None: the current (default) strategy.
-        steps_per_execution: steps per compiled call (fewer Python round trips).
+        steps_per_execution: at most this many steps per compiled call. A call always stops
+            at the next logging, diagnostic, validation or checkpoint step, so this changes
+            speed, not what is logged or saved; on a small model the Python round trip per call
+            costs as much as a step (scripts/benchmark.py).
         jit_compile: compile the step with XLA.
         on_nonfinite: "raise" stops with `NonFiniteLossError` naming the term and the step, and
             that step's update is not applied; "skip" drops such steps and counts them
@@ -168,7 +171,7 @@ class Trainer:
         max_checkpoints: int = 3,
         checkpoint_data: bool = True,
         strategy: tf.distribute.Strategy | None = None,
-        steps_per_execution: int = 1,
+        steps_per_execution: int = 10,
         jit_compile: bool = False,
         on_nonfinite: str = "raise",
         progress: bool | None = None,
@@ -262,6 +265,7 @@ class Trainer:
         self._train_iterator = None
         self._train_function = None
         self._diagnostic_function = None
+        self._calls: dict[bool, tuple] = {}  # diagnostic -> (iterator, concrete function)
         self._step_functions = None
         self._eval_function = None
         self._last_logs: dict[str, float] = {}
@@ -770,6 +774,20 @@ class Trainer:
 
         return train_function
 
+    def _concrete(self, iterator, diagnostic: bool):
+        """The train function traced for `iterator`, as a concrete function.
+
+        Calling the `tf.function` itself matches its arguments against its traces on every
+        call, which for an iterator walks the whole element spec: on a small model that cost
+        about as much as the step. The concrete function skips it.
+        """
+        cached = self._calls.get(diagnostic)
+        if cached is None or cached[0] is not iterator:
+            function = self._diagnostic_function if diagnostic else self._train_function
+            concrete = function.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
+            self._calls[diagnostic] = cached = (iterator, concrete)
+        return cached[1]
+
     def _make_eval_function(self):
         step_fn = self._compile_step(
             self._replica_eval_step, lambda key: tf.distribute.ReduceOp.SUM
@@ -967,7 +985,7 @@ class Trainer:
             diagnose = bool(self.grad_log_every) and (host_step + count) % self.grad_log_every == 0
             if diagnose and self._diagnostic_function is None:
                 self._diagnostic_function = self._make_train_function(diagnostic=True)
-            function = self._diagnostic_function if diagnose else self._train_function
+            function = self._concrete(iterator, diagnose)
             outputs, halted = function(iterator, tf.constant(count, tf.int32))
             if self.on_nonfinite == "raise" and bool(halted):
                 self._raise_nonfinite()

@@ -87,7 +87,7 @@ def test_custom_scalar_layout_and_hparams(tmp_path):
     hparams = {k: v for k, v in data.session_start_info.hparams.items()}
     assert hparams["weight/sparsity"].string_value == "cosine:1:0:100"
     assert hparams["seed"].number_value == 7
-    assert hparams["steps_per_execution"].number_value == 1
+    assert hparams["steps_per_execution"].number_value == 10
 
 
 def test_log_every_zero_logs_only_the_last_step(tmp_path):
