@@ -287,30 +287,25 @@ class GANTrainer(Trainer):
         return 0.5 * (real_ok + fake_ok)
 
 
-def _batches(x: np.ndarray, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dataset:
-    dataset = tf.data.Dataset.from_tensor_slices(x)
-    if shuffle:
-        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
-
-
 def fixed_latents(latent_dim: int, seed: int, count: int = 64) -> np.ndarray:
     """The latents of the sample images: the same at every step of a run, and across runs."""
     return np.random.default_rng([seed, 7]).standard_normal((count, latent_dim)).astype("float32")
 
 
-def write_samples(trainer: GANTrainer, latents: np.ndarray, log_dir: str, step: int) -> str:
+def write_samples(trainer: GANTrainer, latents: np.ndarray, log_dir: str, step: int) -> str | None:
     """Writes G(latents) as a grid: TensorBoard `images/samples` and `samples.png`.
 
     Returns:
-        The path of samples.png.
+        The path of samples.png, or None where the trainer writes nothing (no log directory,
+        or a multi-worker worker other than the chief).
     """
+    if trainer.writer is None:
+        return None
     samples = tf.cast(trainer.generator(latents, training=False), tf.float32).numpy()
     scale = max(1, 32 // samples.shape[1])
     sample_grid = images_lib.grid(samples, columns=8, scale=scale)
-    if trainer.writer is not None:
-        trainer.writer.image("samples", sample_grid, step)
-        trainer.writer.flush()
+    trainer.writer.image("samples", sample_grid, step)
+    trainer.writer.flush()
     return images_lib.save_png(os.path.join(log_dir, "samples.png"), sample_grid)
 
 
@@ -398,9 +393,9 @@ def train_and_evaluate(
             feature_matching=feature_matching,
             **trainer_options(config, strategy, hparams=hparams),
         )
-        test = _batches(split.x_test, config.batch_size, shuffle=False, seed=config.seed)
+        test = data_lib.batches(split.x_test, config.batch_size, shuffle=False, seed=config.seed)
         trainer.build(test)
-    train = _batches(split.x_train, config.batch_size, shuffle=True, seed=config.seed)
+    train = data_lib.batches(split.x_train, config.batch_size, shuffle=True, seed=config.seed)
     latents = fixed_latents(latent_dim, config.seed)
     while trainer.step < config.steps:
         stop = config.steps

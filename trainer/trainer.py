@@ -53,6 +53,12 @@ BalancerArg = (
 )
 
 
+def _task_id(strategy: tf.distribute.Strategy) -> int:
+    """This worker's index in a multi-worker cluster (0 when there is none)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(getattr(resolver, "task_id", None) or 0)
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss term (or a phase's gradient) became NaN or Inf; no update from it was applied."""
 
@@ -256,7 +262,13 @@ class Trainer:
             trackables.update({f"model_{k}": m for k, m in self._models.items()})
             trackables.update({f"optimizer_{p.name}": p.optimizer for p in self.phases.values()})
             trackables.update({f"balancer_{k}": b for k, b in self.balancers.items()})
-            self._checkpoints = Checkpoints(checkpoint_dir, max_checkpoints, **trackables)
+            self._checkpoints = Checkpoints(
+                checkpoint_dir,
+                max_checkpoints,
+                writer=self.strategy.extended.should_checkpoint,
+                worker=_task_id(self.strategy),
+                **trackables,
+            )
         self._writer = None
         self._hparams_written = False
         self._state_ready = False
@@ -1170,8 +1182,12 @@ class Trainer:
 
     @property
     def writer(self) -> SummaryWriter | None:
-        """The TensorBoard writer (None without `log_dir`); subclasses add images through it."""
-        if self._writer is None and self.log_dir:
+        """The TensorBoard writer; subclasses add images through it.
+
+        None without `log_dir`, and on every worker of a multi-worker cluster but the chief:
+        the workers run the same steps, and one of them writes.
+        """
+        if self._writer is None and self.log_dir and self.strategy.extended.should_save_summary:
             self._writer = SummaryWriter(self.log_dir)
         return self._writer
 
