@@ -131,13 +131,6 @@ class CNNTrainer(Trainer):
         return {"cross_entropy": cross_entropy}
 
 
-def _batches(x, y, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dataset:
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
-
-
 def _parse_schedule(flag: str, spec: str) -> schedules.Schedule:
     try:
         return schedules.parse(spec)
@@ -206,10 +199,10 @@ def train_and_evaluate(
             sparsity_layers=sparsity_layers,
             **trainer_options(config, strategy, weights=weights, hparams=hparams),
         )
-        test = _batches(split.x_test, split.y_test, 256, shuffle=False, seed=config.seed)
+        test = data_lib.batches((split.x_test, split.y_test), 256, shuffle=False, seed=config.seed)
         trainer.build(test)
-    train = _batches(
-        split.x_train, split.y_train, config.batch_size, shuffle=True, seed=config.seed
+    train = data_lib.batches(
+        (split.x_train, split.y_train), config.batch_size, shuffle=True, seed=config.seed
     )
     trainer.fit(train, until_step=config.steps)
     results = trainer.evaluate(test)

@@ -29,6 +29,7 @@ import os
 import zipfile
 
 import numpy as np
+import tensorflow as tf
 
 IMAGE_DATASETS = ("digits", "mnist", "fashion_mnist")
 SERIES_DATASETS = ("mackey_glass",)
@@ -348,3 +349,17 @@ def load_forecast(
     x_train, y_train = windows((train - mean) / std, window, horizon)
     x_test, y_test = windows((test - mean) / std, window, horizon)
     return ForecastSplit(x_train, y_train, x_test, y_test, mean, std, horizon)
+
+
+def batches(arrays, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dataset:
+    """A `tf.data.Dataset` of batches of `arrays` (an array, or a tuple of them).
+
+    Training data (`shuffle=True`) is reshuffled every pass with `seed` and keeps only full
+    batches, so every step sees `batch_size` examples and the step traces once; evaluation
+    data keeps every example, in order.
+    """
+    dataset = tf.data.Dataset.from_tensor_slices(arrays)
+    if shuffle:
+        length = len(arrays[0] if isinstance(arrays, tuple) else arrays)
+        dataset = dataset.shuffle(length, seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)

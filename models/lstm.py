@@ -128,13 +128,6 @@ class LSTMTrainer(Trainer):
         return {"mse": losses.mean_squared_error(target, forecast)}
 
 
-def _batches(x, y, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dataset:
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
-
-
 def train_and_evaluate(
     config: RunConfig,
     *,
@@ -187,10 +180,10 @@ def train_and_evaluate(
         trainer = LSTMTrainer(
             model, optimizer, **trainer_options(config, strategy, hparams=hparams)
         )
-        test = _batches(split.x_test, split.y_test, 256, shuffle=False, seed=config.seed)
+        test = data_lib.batches((split.x_test, split.y_test), 256, shuffle=False, seed=config.seed)
         trainer.build(test)
-    train = _batches(
-        split.x_train, split.y_train, config.batch_size, shuffle=True, seed=config.seed
+    train = data_lib.batches(
+        (split.x_train, split.y_train), config.batch_size, shuffle=True, seed=config.seed
     )
     trainer.fit(train, until_step=config.steps)
     results = trainer.evaluate(test)

@@ -141,13 +141,6 @@ def _scaled(schedule: schedules.Schedule, factor: float) -> schedules.Schedule:
     return schedules.Schedule(lambda step: factor * schedule(step), f"{factor:g}*{schedule.spec}")
 
 
-def _batches(x: np.ndarray, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dataset:
-    dataset = tf.data.Dataset.from_tensor_slices(x)
-    if shuffle:
-        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)
-
-
 def train_and_evaluate(
     config: RunConfig,
     *,
@@ -197,9 +190,9 @@ def train_and_evaluate(
         trainer = VAETrainer(
             vae, optimizer, **trainer_options(config, strategy, weights=weights, hparams=hparams)
         )
-        test = _batches(split.x_test, config.batch_size, shuffle=False, seed=config.seed)
+        test = data_lib.batches(split.x_test, config.batch_size, shuffle=False, seed=config.seed)
         trainer.build(test)
-    train = _batches(split.x_train, config.batch_size, shuffle=True, seed=config.seed)
+    train = data_lib.batches(split.x_train, config.batch_size, shuffle=True, seed=config.seed)
     trainer.fit(train, until_step=config.steps)
     results = trainer.evaluate(test)
     results["negative_elbo"] = results["reconstruction"] + results["kl"]
