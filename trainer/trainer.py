@@ -1,95 +1,42 @@
 """The Trainer: a `tf.GradientTape` loop in which every loss term is named, weighted and logged.
 
-One training step, per phase (a phase has a name, an optimizer, its variables and its terms)::
-
-    terms   = compute_terms(batch, training=True[, phase])       # user terms, by key
-            + add_loss values recorded during that call          # by the layer that added them
-            + {"regularization": sum of weight regularizers}     # if any variable has one
-    shares  = reduce_terms(terms, sample_weight)                  # same totals on 1 or N replicas
-    total   = sum_t weight_t(step) * share_t                      # weights: floats or schedules
-                                                                  #   (x a balancer's weights)
-    update  = optimizer.apply(d total / d variables)             # only if every term is finite
-
-On a diagnostic step (every `grad_log_every` steps), and on every step of a phase whose
-balancer needs gradients, the gradient is instead taken once per weighted term (trainer/
-gradients.py); their Gramian gives `grad_norm/`, `grad_cosine/`, `grad_conflict/` and the
-balancer's weights, and the update is their (weighted or mixed) sum: no extra backward pass.
-
-The compiled step knows nothing of files: logging, checkpoints, validation and progress happen
-between compiled calls, each of which runs up to `steps_per_execution` steps and stops exactly
-at the next logging, checkpoint or validation step.
+This module holds the public `Trainer`: its options, its override points (`compute_terms`,
+`phase_variables`, `sample_weight`, `add_metric`), its state (build, restore, iterators) and
+the outer loop (`fit`, `evaluate`: logging, diagnostics, validation, checkpoints, progress).
+The step it compiles is `trainer.step.StepMixin` (what one update does, in replica context);
+the checks of its arguments are in `trainer.options`. As in Orbit, the compiled step knows
+nothing of files: each compiled call runs up to `steps_per_execution` steps and stops exactly
+at the next logging, diagnostic, checkpoint or validation step.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import balancers as balancers_lib
 from trainer import data as data_lib
 from trainer import gradients as gradients_lib
-from trainer import schedules, validation
+from trainer import options as options_lib
 from trainer import terms as terms_lib
+from trainer import validation
 from trainer.checkpoints import Checkpoints
+from trainer.options import ON_NONFINITE, BalancerArg, Weight
 from trainer.progress import Progress
+from trainer.step import COSINE_MATRIX, GRADIENT_TAGS, StepMixin
 from trainer.summaries import SummaryWriter
-
-DEFAULT_PHASE = "train"
-ON_NONFINITE = ("raise", "skip")
-GRADIENT_TAGS = ("grad_norm/", "grad_cosine/", "grad_conflict/")
-_COSINE_MATRIX = "grad_cosine_matrix"  # a [T, T] output of diagnostic steps, drawn as an image
-
-Weight = float | schedules.Schedule | Callable[[tf.Tensor], tf.Tensor] | str
-BalancerArg = (
-    balancers_lib.Balancer | str | Mapping[str, balancers_lib.Balancer | str | None] | None
-)
-
-
-def _task_id(strategy: tf.distribute.Strategy) -> int:
-    """This worker's index in a multi-worker cluster (0 when there is none)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    return int(getattr(resolver, "task_id", None) or 0)
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term (or a phase's gradient) became NaN or Inf; no update from it was applied."""
 
 
-@dataclasses.dataclass
-class _Phase:
-    name: str
-    optimizer: keras.optimizers.Optimizer
-    variables: list = dataclasses.field(default_factory=list)
-
-
-def _as_weight(name: str, value) -> Callable[[tf.Tensor], tf.Tensor]:
-    """Turns a weight given by the user into a function of the step."""
-    if isinstance(value, str):
-        try:
-            return schedules.parse(value)
-        except ValueError as error:
-            raise ValueError(f"`weights[{name!r}]`: {error}") from None
-    if isinstance(value, bool) or not (
-        isinstance(value, (int, float, np.floating, np.integer)) or callable(value)
-    ):
-        raise ValueError(
-            f"`weights[{name!r}]` ({value!r}) must be a number, a schedule (a callable of the "
-            f"step, see trainer.schedules) or a schedule string such as 'linear:0:1:5000'."
-        )
-    if callable(value):
-        return value
-    return schedules.constant(float(value))
-
-
-class Trainer:
+class Trainer(StepMixin):
     """Trains Keras models on a sum of named, weighted loss terms.
 
     The one method most users override is `compute_terms`. A VAE whose encoder adds its KL with
@@ -184,12 +131,12 @@ class Trainer:
         hparams: Mapping[str, object] | None = None,
     ):
         self.model = model
-        self._models = self._check_models(model)
-        self.phases = self._make_phases(optimizer)
-        self.loss = self._check_loss(loss)
+        self._models = options_lib.check_models(model)
+        self.phases = options_lib.make_phases(optimizer)
+        self.loss = options_lib.check_loss(loss)
         if weights is not None and not isinstance(weights, Mapping):
             raise ValueError(f"`weights` ({weights!r}) must be a dict of term name to weight.")
-        self.weights = {name: _as_weight(name, w) for name, w in (weights or {}).items()}
+        self.weights = {name: options_lib.as_weight(name, w) for name, w in (weights or {}).items()}
         self.log_dir = log_dir
         self.log_every = validation.non_negative_int(
             "log_every", log_every, zero_means="logs only the last step of each fit"
@@ -197,7 +144,7 @@ class Trainer:
         self.grad_log_every = validation.non_negative_int(
             "grad_log_every", grad_log_every, zero_means="turns gradient diagnostics off"
         )
-        self.balancers = self._check_balancers(balancer)
+        self.balancers = options_lib.check_balancers(balancer, self.phases)
         self._balancer_targets: dict[str, list[int] | None] = {}
         if dominance_ratio is not None and (
             isinstance(dominance_ratio, bool)
@@ -266,7 +213,7 @@ class Trainer:
                 checkpoint_dir,
                 max_checkpoints,
                 writer=self.strategy.extended.should_checkpoint,
-                worker=_task_id(self.strategy),
+                worker=options_lib.task_id(self.strategy),
                 **trackables,
             )
         self._writer = None
@@ -283,93 +230,6 @@ class Trainer:
         self._last_logs: dict[str, float] = {}
         if all(m.built for m in self._models.values()):
             self._prepare_state(None)
-
-    # ----------------------------------------------------------------------------------------
-    # Construction helpers.
-
-    @staticmethod
-    def _check_models(model) -> dict[str, keras.Model]:
-        models = dict(model) if isinstance(model, Mapping) else {"": model}
-        if not models:
-            raise ValueError("`model` is an empty dict; give at least one Keras model.")
-        for key, value in models.items():
-            if not isinstance(value, keras.layers.Layer):
-                where = f"`model[{key!r}]`" if key else "`model`"
-                raise ValueError(f"{where} ({value!r}) must be a Keras model or layer.")
-        return {(k or "main"): v for k, v in models.items()}
-
-    @staticmethod
-    def _make_phases(optimizer) -> dict[str, _Phase]:
-        if isinstance(optimizer, Mapping):
-            if not optimizer:
-                raise ValueError("`optimizer` is an empty dict; give one optimizer per phase.")
-            items = list(optimizer.items())
-        else:
-            items = [(DEFAULT_PHASE, optimizer)]
-        for name, opt in items:
-            if not isinstance(name, str) or not name:
-                raise ValueError(
-                    f"Phase names (the keys of `optimizer`) must be strings: {name!r}."
-                )
-            if not isinstance(opt, keras.optimizers.Optimizer):
-                where = "`optimizer`" if name == DEFAULT_PHASE else f"`optimizer[{name!r}]`"
-                raise ValueError(f"{where} ({opt!r}) must be a keras.optimizers.Optimizer.")
-        return {name: _Phase(name, opt) for name, opt in items}
-
-    @staticmethod
-    def _check_loss(loss):
-        if loss is None or callable(loss):
-            return loss
-        if isinstance(loss, Mapping) and loss:
-            for key, fn in loss.items():
-                if not isinstance(key, str) or not callable(fn):
-                    raise ValueError(
-                        f"`loss[{key!r}]` ({fn!r}) must be callable, keyed by a term name."
-                    )
-            return dict(loss)
-        raise ValueError(
-            f"`loss` ({loss!r}) must be None, a callable (y_true, y_pred) -> per-example values, "
-            "a Keras loss, or a non-empty dict of them."
-        )
-
-    def _check_balancers(self, balancer) -> dict[str, balancers_lib.Balancer]:
-        if balancer is None:
-            return {}
-        if isinstance(balancer, Mapping):
-            unknown = sorted(set(balancer) - set(self.phases))
-            if unknown:
-                raise ValueError(
-                    f"`balancer` names phases that do not exist: {unknown}; phases: "
-                    f"{list(self.phases)}."
-                )
-            items = list(balancer.items())
-        else:  # a string makes one balancer per phase; an object has only one phase's state
-            items = [(name, balancer) for name in self.phases]
-            if len(items) > 1 and not isinstance(balancer, str):
-                raise ValueError(
-                    f"`balancer` ({balancer!r}): with several phases ({list(self.phases)}) give a "
-                    "string (one balancer per phase) or a dict of balancers keyed by phase name."
-                )
-        out, seen = {}, set()
-        for name, value in items:
-            where = "`balancer`" if not isinstance(balancer, Mapping) else f"`balancer[{name!r}]`"
-            if isinstance(value, str):
-                try:
-                    value = balancers_lib.parse(value)
-                except ValueError as error:
-                    raise ValueError(f"{where}: {error}") from None
-            if value is None:
-                continue
-            if not isinstance(value, balancers_lib.Balancer):
-                raise ValueError(
-                    f"{where} ({value!r}) must be a trainer.balancers.Balancer, a balancer "
-                    "string such as 'pcgrad' or 'gradnorm:1.5', or None."
-                )
-            if id(value) in seen:
-                raise ValueError(f"{where}: one balancer object serves only one phase.")
-            seen.add(id(value))
-            out[name] = value
-        return out
 
     def _counter(self, name: str, dtype: tf.DType) -> tf.Variable:
         return tf.Variable(
@@ -458,50 +318,6 @@ class Trainer:
         _, _, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
         return sample_weight
 
-    # ----------------------------------------------------------------------------------------
-    # The step (replica context).
-
-    def _phase_terms(self, phase: _Phase, batch, training: bool) -> dict[str, tf.Tensor]:
-        """Computes, names, checks and reduces one phase's terms."""
-        merged = self._named_terms(phase, batch, training)
-        metrics = self._phase_metrics.pop(phase.name, {})
-        if metrics:  # logged beside the terms, never summed into the total
-            self._phase_metrics[phase.name] = terms_lib.reduce_terms(
-                metrics, self.sample_weight(batch)
-            )
-        return terms_lib.reduce_terms(merged, self.sample_weight(batch))
-
-    def _named_terms(self, phase: _Phase, batch, training: bool) -> dict[str, tf.Tensor]:
-        """One phase's terms, named and checked (not reduced); records their names."""
-        self._metrics = {}
-        with terms_lib.LossRecorder() as recorder:
-            if self._terms_take_phase:
-                user_terms = self.compute_terms(batch, training, phase=phase.name)
-            else:
-                user_terms = self.compute_terms(batch, training)
-        if not isinstance(user_terms, Mapping):
-            raise ValueError(
-                f"compute_terms must return a dict of term name to tensor, got "
-                f"{type(user_terms).__name__}."
-            )
-        regularization = terms_lib.regularization_loss(phase.variables)
-        extra = {} if regularization is None else {terms_lib.REGULARIZATION: regularization}
-        merged = terms_lib.merge_terms(user_terms, recorder.terms(), extra)
-        if not merged:
-            raise ValueError(
-                f"Phase {phase.name!r} has no loss terms: compute_terms returned none and no "
-                "layer called add_loss."
-            )
-        self.term_names[phase.name] = tuple(merged)
-        clash = sorted(set(self._metrics) & {*merged, "total"})
-        if clash:
-            raise ValueError(
-                f"add_metric names {clash} are also loss terms (or 'total'); give metrics their "
-                f"own names. Known term names: {sorted(merged)}."
-            )
-        self._phase_metrics[phase.name], self._metrics = self._metrics, {}
-        return merged
-
     def add_metric(self, name: str, value) -> None:
         """Logs `value` under `name` this step; call it inside `compute_terms`.
 
@@ -528,296 +344,6 @@ class Trainer:
         if name in self._metrics:
             raise ValueError(f"add_metric was called twice with the name {name!r} in one step.")
         self._metrics[name] = tf.stop_gradient(tf.cast(value, tf.float32))
-
-    def _check_weight_names(self) -> None:
-        known = sorted({n for names in self.term_names.values() for n in names})
-        unknown = sorted(set(self.weights) - set(known))
-        if unknown:
-            raise ValueError(
-                f"`weights` names terms that do not exist: {unknown}; known term names: {known}."
-            )
-
-    def _weigh(self, reduced: Mapping[str, tf.Tensor], step: tf.Tensor):
-        weights, weighted = {}, {}
-        for name, value in reduced.items():
-            fn = self.weights.get(name)
-            w = tf.constant(1.0) if fn is None else tf.cast(fn(step), tf.float32)
-            weights[name] = w
-            weighted[name] = w * value
-        total = tf.add_n(list(weighted.values()))
-        return weights, weighted, total
-
-    @staticmethod
-    def _reweigh(reduced: Mapping[str, tf.Tensor], weights: Mapping[str, tf.Tensor], factors):
-        """Multiplies each term's weight by a balancer's factor (a [T] tensor, in term order)."""
-        weights = {n: weights[n] * factors[i] for i, n in enumerate(reduced)}
-        weighted = {n: weights[n] * reduced[n] for n in reduced}
-        return weights, weighted, tf.add_n(list(weighted.values()))
-
-    def _global_values(self, reduced: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """The terms' global values as a [T] tensor, the same on every replica, no gradient."""
-        values = tf.stop_gradient(tf.stack(list(reduced.values())))
-        if self.strategy.num_replicas_in_sync > 1:
-            ctx = tf.distribute.get_replica_context()
-            values = ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
-        return values
-
-    def _per_term_gradients(self, phase, tape, targets, weights, values, step, updates, diagnostic):
-        """The update from one backward pass per term, and the gradient diagnostics.
-
-        The per-term gradients are all-reduced across replicas (so every replica holds the
-        global ones), their Gramian gives the balancer's weights and the diagnostics, and the
-        update is their combination, divided by the number of replicas because the optimizer
-        sums the replicas' gradients in `apply`.
-
-        Returns:
-            (gradients for `optimizer.apply`, the weights by term name, the balancer's state
-            updates, the diagnostic logs: empty unless `diagnostic`).
-        """
-        names = list(weights)
-        replicas = self.strategy.num_replicas_in_sync
-        balancer = self.balancers.get(phase.name)
-        per_term = gradients_lib.term_gradients(tape, targets, phase.variables)
-        if replicas > 1:
-            ctx = tf.distribute.get_replica_context()
-            per_term = ctx.all_reduce(tf.distribute.ReduceOp.SUM, per_term)
-        stacks = gradients_lib.stack_by_variable(per_term)
-        # Scaled losses (mixed precision) scale the gradients; the Gramian is of the true ones.
-        unscale = 1.0
-        if isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer):
-            unscale = 1.0 / tf.square(tf.cast(phase.optimizer.scale_loss(1.0), tf.float32))
-        target = self._balancer_targets.get(phase.name)
-        gram = None
-        if diagnostic or target is None:
-            gram = gradients_lib.gramian(stacks) * unscale
-        coefficients = update = None  # None: 1 for every term
-        if balancer is not None and balancer.needs_gradients:
-            target_gram = (
-                gram if target is None else gradients_lib.gramian(stacks, target) * unscale
-            )
-            weighting = balancer.weights(values, step, target_gram)
-            coefficients = update = weighting.weights
-            if weighting.mixing is not None:  # gradient surgery: g_i' = sum_k C_ik w_k g_k
-                update = tf.reduce_sum(weighting.mixing, axis=0) * coefficients
-            updates = tuple(updates) + tuple(weighting.updates)
-            weights = {n: weights[n] * coefficients[i] for i, n in enumerate(names)}
-        if update is None:  # the plain sum: no multiplications
-            grads = [tf.add_n(list(g)) for g in zip(*per_term, strict=True)]
-            if replicas > 1:
-                grads = [g / float(replicas) for g in grads]
-        else:
-            grads = gradients_lib.combine(stacks, update / float(replicas), phase.variables)
-        logs = {}
-        if diagnostic:
-            stats = gradients_lib.statistics(gram, coefficients, update)
-            for i, name in enumerate(names):
-                logs[f"grad_norm/{name}"] = stats["norms"][i] / replicas
-                logs[f"grad_cosine/{name}"] = stats["cosines"][i] / replicas
-            logs[f"grad_conflict/{phase.name}"] = stats["conflict"] / replicas
-            logs[f"{_COSINE_MATRIX}/{phase.name}"] = stats["cosine_matrix"] / replicas
-        return grads, weights, updates, logs
-
-    def _replica_train_step(self, batch, diagnostic: bool = False):
-        step = self._step.read_value()
-        halted = self._halted.read_value()
-        logs = {}
-        ok_all = tf.logical_not(halted)
-        replica_ctx = tf.distribute.get_replica_context()
-        replicas = self.strategy.num_replicas_in_sync
-        self._checked_names = []
-        for phase in self.phases.values():
-            scale_loss = isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer)
-            balancer = self.balancers.get(phase.name)
-            per_term = diagnostic or (balancer is not None and balancer.needs_gradients)
-            updates, values = (), None
-            with tf.GradientTape(persistent=per_term) as tape:
-                reduced = self._phase_terms(phase, batch, training=True)
-                weights, weighted, total = self._weigh(reduced, step)
-                if balancer is not None:
-                    balancer.build(tuple(reduced))  # built before tracing: checks the names
-                    values = self._global_values(reduced)
-                if balancer is not None and not balancer.needs_gradients:
-                    weighting = balancer.weights(values, step)
-                    weights, weighted, total = self._reweigh(reduced, weights, weighting.weights)
-                    updates = weighting.updates
-                scaled = phase.optimizer.scale_loss if scale_loss else (lambda loss: loss)
-                targets = [scaled(weighted[n]) for n in reduced] if per_term else None
-                target = None if per_term else scaled(total)
-            if per_term:
-                grads, weights, updates, diagnostics = self._per_term_gradients(
-                    phase, tape, targets, weights, values, step, updates, diagnostic
-                )
-                del tape
-                logs.update(diagnostics)
-                if balancer is not None and balancer.needs_gradients:
-                    weighted = {n: weights[n] * reduced[n] for n in reduced}
-                    total = tf.add_n(list(weighted.values()))
-            else:
-                grads = tape.gradient(target, phase.variables)
-            flags = [tf.reduce_all(tf.math.is_finite(v)) for v in reduced.values()]
-            names = [f"{phase.name}/{n}" for n in reduced]
-            if not scale_loss:  # a LossScaleOptimizer handles its own overflowing gradients
-                finite = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
-                flags.append(tf.reduce_all(finite) if finite else tf.constant(True))
-                names.append(f"{phase.name}/<gradient>")
-            flags = tf.cast(tf.stack(flags), tf.int32)
-            if replicas > 1:  # finite on every replica: the sum of the 0/1 flags is R
-                flags = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, flags)
-                flags = tf.cast(tf.equal(flags, replicas), tf.int32)
-            ok = tf.logical_and(ok_all, tf.reduce_all(flags > 0))
-            self._record_nonfinite(ok_all, flags, step, offset=len(self._checked_names))
-            self._checked_names.extend(names)
-            self._conditional_apply(phase, grads, ok)
-            for variable, value in updates:  # balancer state: only with the update
-                value = tf.cast(value, variable.dtype)
-                variable.assign(tf.where(ok, value, tf.convert_to_tensor(variable)))
-            ok_all = ok
-            for name in reduced:
-                logs[f"loss/{name}"] = reduced[name]
-                logs[f"weight/{name}"] = weights[name] / replicas
-                logs[f"weighted/{name}"] = weighted[name]
-            logs[f"total/{phase.name}"] = total
-            logs.update(self._phase_metrics.pop(phase.name, {}))
-        self._check_weight_names()
-        if self.on_nonfinite == "skip":
-            self._skipped.assign_add(tf.cast(tf.logical_not(ok_all), tf.int64))
-        logs["examples"] = tf.cast(data_lib.batch_size_of(batch), tf.float32)
-        return logs
-
-    def _record_nonfinite(self, ok_before, flags, step, offset: int) -> None:
-        """On the first non-finite term, remembers which and when (for the error message)."""
-        if self.on_nonfinite != "raise":
-            return
-        bad = tf.logical_and(ok_before, tf.logical_not(tf.reduce_all(flags > 0)))
-        # Unconditional assignments: under MirroredStrategy an assignment inside a `tf.cond` in
-        # replica context is a merge_call, which is not allowed there. `flags` is all-reduced,
-        # so every replica writes the same values.
-        first = tf.cast(tf.argmin(flags), tf.int32) + offset
-        self._nonfinite_index.assign(tf.where(bad, first, self._nonfinite_index))
-        self._nonfinite_step.assign(tf.where(bad, step + 1, self._nonfinite_step))
-        self._halted.assign(tf.logical_or(self._halted, bad))
-
-    def _conditional_apply(self, phase: _Phase, grads, ok) -> None:
-        """Applies the update only when `ok`, in the way each strategy allows."""
-
-        def apply(grads):
-            phase.optimizer.apply(grads, phase.variables)
-            return tf.constant(True)
-
-        if not tf.distribute.has_strategy():
-            tf.cond(ok, lambda: apply(grads), lambda: tf.constant(False))
-            return
-
-        # A cond whose branch calls `optimizer.apply` is not allowed in a replica context under
-        # MirroredStrategy: branch in the cross-replica context (LossScaleOptimizer's pattern).
-        # The gradients go through `merge_call`'s args, so each replica applies its own.
-        def cross_replica(strategy, grads, ok):
-            ok = strategy.experimental_local_results(ok)[0]
-
-            def apply_each():
-                strategy.extended.call_for_each_replica(apply, args=(grads,))
-                return tf.constant(True)
-
-            tf.cond(ok, apply_each, lambda: tf.constant(False))
-
-        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, ok))
-
-    def _replica_eval_step(self, batch):
-        step = self._step.read_value()
-        replicas = self.strategy.num_replicas_in_sync
-        logs = {}
-        for phase in self.phases.values():
-            reduced = self._phase_terms(phase, batch, training=False)
-            _, weighted, total = self._weigh(reduced, step)
-            logs.update({name: value for name, value in reduced.items()})
-            key = "total" if len(self.phases) == 1 else f"total/{phase.name}"
-            logs[key] = total
-            logs.update(self._phase_metrics.pop(phase.name, {}))
-        del replicas
-        logs["examples"] = tf.cast(data_lib.batch_size_of(batch), tf.float32)
-        return logs
-
-    # ----------------------------------------------------------------------------------------
-    # Compiled functions (cross-replica context).
-
-    def _compile_step(self, replica_fn, reductions: Callable[[str], tf.distribute.ReduceOp]):
-        strategy = self.strategy
-
-        def step(batch):
-            per_replica = strategy.run(replica_fn, args=(batch,))
-            return {k: strategy.reduce(reductions(k), v, axis=None) for k, v in per_replica.items()}
-
-        return tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
-
-    def _make_train_function(self, diagnostic: bool = False):
-        """Runs `num_steps` steps; with `diagnostic`, the last one takes per-term gradients.
-
-        The host loop calls the diagnostic function for the compiled call that ends on a
-        multiple of `grad_log_every`, so a plain step never pays for diagnostics and no
-        `tf.cond` has to choose between an update from one or from T backward passes.
-        """
-        if self._step_functions is None:
-            sums = lambda key: tf.distribute.ReduceOp.SUM  # noqa: E731
-            plain = self._compile_step(self._replica_train_step, sums)
-            diagnose = self._compile_step(
-                functools.partial(self._replica_train_step, diagnostic=True), sums
-            )
-            self._step_functions = plain, diagnose
-        step_fn, last_fn = self._step_functions
-        if not diagnostic:
-            last_fn = step_fn
-        step_var, halted = self._step, self._halted
-
-        def one(fn, iterator):
-            logs = fn(next(iterator))
-            step_var.assign_add(tf.cast(tf.logical_not(halted), tf.int64))
-            return logs
-
-        @tf.function
-        def train_function(iterator, num_steps):
-            if diagnostic:
-                for _ in tf.range(num_steps - 1):
-                    one(step_fn, iterator)
-                return one(last_fn, iterator), halted.read_value()
-            logs = one(step_fn, iterator)
-            for _ in tf.range(num_steps - 1):
-                logs = one(step_fn, iterator)
-            return logs, halted.read_value()
-
-        return train_function
-
-    def _concrete(self, iterator, diagnostic: bool):
-        """The train function traced for `iterator`, as a concrete function.
-
-        Calling the `tf.function` itself matches its arguments against its traces on every
-        call, which for an iterator walks the whole element spec: on a small model that cost
-        about as much as the step. The concrete function skips it.
-        """
-        cached = self._calls.get(diagnostic)
-        if cached is None or cached[0] is not iterator:
-            function = self._diagnostic_function if diagnostic else self._train_function
-            concrete = function.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
-            self._calls[diagnostic] = cached = (iterator, concrete)
-        return cached[1]
-
-    def _make_eval_function(self):
-        step_fn = self._compile_step(
-            self._replica_eval_step, lambda key: tf.distribute.ReduceOp.SUM
-        )
-
-        def weighted(logs):
-            n = logs["examples"]
-            return {k: (v if k == "examples" else v * n) for k, v in logs.items()}
-
-        @tf.function
-        def eval_function(iterator, num_steps):
-            sums = weighted(step_fn(next(iterator)))
-            for _ in tf.range(num_steps - 1):
-                logs = weighted(step_fn(next(iterator)))
-                sums = {k: sums[k] + logs[k] for k in sums}
-            return sums
-
-        return eval_function
 
     # ----------------------------------------------------------------------------------------
     # State: building, restoring, iterators.
@@ -1005,7 +531,7 @@ class Trainer:
             final = host_step == end
             log_now = final or (self.log_every and host_step % self.log_every == 0)
             outputs = dict(outputs)
-            matrices = {k: outputs.pop(k) for k in list(outputs) if k.startswith(_COSINE_MATRIX)}
+            matrices = {k: outputs.pop(k) for k in list(outputs) if k.startswith(COSINE_MATRIX)}
             if diagnose:
                 self._write_diagnostics(host_step, outputs, matrices, also_scalars=not log_now)
             if log_now or progress.due():

@@ -1,0 +1,369 @@
+"""What one update does: the Trainer's step, in replica context, and its compiled calls.
+
+One training step, per phase (a phase has a name, an optimizer, its variables and its terms)::
+
+    terms   = compute_terms(batch, training=True[, phase])       # user terms, by key
+            + add_loss values recorded during that call          # by the layer that added them
+            + {"regularization": sum of weight regularizers}     # if any variable has one
+    shares  = reduce_terms(terms, sample_weight)                  # same totals on 1 or N replicas
+    total   = sum_t weight_t(step) * share_t                      # weights: floats or schedules
+                                                                  #   (x a balancer's weights)
+    update  = optimizer.apply(d total / d variables)             # only if every term is finite
+
+On a diagnostic step (every `grad_log_every` steps), and on every step of a phase whose
+balancer needs gradients, the gradient is instead taken once per weighted term (trainer/
+gradients.py); their Gramian gives `grad_norm/`, `grad_cosine/`, `grad_conflict/` and the
+balancer's weights, and the update is their (weighted or mixed) sum: no extra backward pass.
+
+`StepMixin` is the half of `Trainer` that runs inside `tf.function` (Keras 3 splits its
+trainers the same way); it reads the Trainer's phases, weights, balancers and counters, and
+writes nothing but variables: no files, no Python state a step depends on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+
+import keras
+import tensorflow as tf
+
+from trainer import data as data_lib
+from trainer import gradients as gradients_lib
+from trainer import terms as terms_lib
+from trainer.options import Phase
+
+GRADIENT_TAGS = ("grad_norm/", "grad_cosine/", "grad_conflict/")
+COSINE_MATRIX = "grad_cosine_matrix"  # a [T, T] output of diagnostic steps, drawn as an image
+
+
+class StepMixin:
+    """The replica-context step and the compiled functions that run it (see the module doc)."""
+
+    def _phase_terms(self, phase: Phase, batch, training: bool) -> dict[str, tf.Tensor]:
+        """Computes, names, checks and reduces one phase's terms."""
+        merged = self._named_terms(phase, batch, training)
+        metrics = self._phase_metrics.pop(phase.name, {})
+        if metrics:  # logged beside the terms, never summed into the total
+            self._phase_metrics[phase.name] = terms_lib.reduce_terms(
+                metrics, self.sample_weight(batch)
+            )
+        return terms_lib.reduce_terms(merged, self.sample_weight(batch))
+
+    def _named_terms(self, phase: Phase, batch, training: bool) -> dict[str, tf.Tensor]:
+        """One phase's terms, named and checked (not reduced); records their names."""
+        self._metrics = {}
+        with terms_lib.LossRecorder() as recorder:
+            if self._terms_take_phase:
+                user_terms = self.compute_terms(batch, training, phase=phase.name)
+            else:
+                user_terms = self.compute_terms(batch, training)
+        if not isinstance(user_terms, Mapping):
+            raise ValueError(
+                f"compute_terms must return a dict of term name to tensor, got "
+                f"{type(user_terms).__name__}."
+            )
+        regularization = terms_lib.regularization_loss(phase.variables)
+        extra = {} if regularization is None else {terms_lib.REGULARIZATION: regularization}
+        merged = terms_lib.merge_terms(user_terms, recorder.terms(), extra)
+        if not merged:
+            raise ValueError(
+                f"Phase {phase.name!r} has no loss terms: compute_terms returned none and no "
+                "layer called add_loss."
+            )
+        self.term_names[phase.name] = tuple(merged)
+        clash = sorted(set(self._metrics) & {*merged, "total"})
+        if clash:
+            raise ValueError(
+                f"add_metric names {clash} are also loss terms (or 'total'); give metrics their "
+                f"own names. Known term names: {sorted(merged)}."
+            )
+        self._phase_metrics[phase.name], self._metrics = self._metrics, {}
+        return merged
+
+    def _check_weight_names(self) -> None:
+        known = sorted({n for names in self.term_names.values() for n in names})
+        unknown = sorted(set(self.weights) - set(known))
+        if unknown:
+            raise ValueError(
+                f"`weights` names terms that do not exist: {unknown}; known term names: {known}."
+            )
+
+    def _weigh(self, reduced: Mapping[str, tf.Tensor], step: tf.Tensor):
+        weights, weighted = {}, {}
+        for name, value in reduced.items():
+            fn = self.weights.get(name)
+            w = tf.constant(1.0) if fn is None else tf.cast(fn(step), tf.float32)
+            weights[name] = w
+            weighted[name] = w * value
+        total = tf.add_n(list(weighted.values()))
+        return weights, weighted, total
+
+    @staticmethod
+    def _reweigh(reduced: Mapping[str, tf.Tensor], weights: Mapping[str, tf.Tensor], factors):
+        """Multiplies each term's weight by a balancer's factor (a [T] tensor, in term order)."""
+        weights = {n: weights[n] * factors[i] for i, n in enumerate(reduced)}
+        weighted = {n: weights[n] * reduced[n] for n in reduced}
+        return weights, weighted, tf.add_n(list(weighted.values()))
+
+    def _global_values(self, reduced: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """The terms' global values as a [T] tensor, the same on every replica, no gradient."""
+        values = tf.stop_gradient(tf.stack(list(reduced.values())))
+        if self.strategy.num_replicas_in_sync > 1:
+            ctx = tf.distribute.get_replica_context()
+            values = ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
+        return values
+
+    def _per_term_gradients(self, phase, tape, targets, weights, values, step, updates, diagnostic):
+        """The update from one backward pass per term, and the gradient diagnostics.
+
+        The per-term gradients are all-reduced across replicas (so every replica holds the
+        global ones), their Gramian gives the balancer's weights and the diagnostics, and the
+        update is their combination, divided by the number of replicas because the optimizer
+        sums the replicas' gradients in `apply`.
+
+        Returns:
+            (gradients for `optimizer.apply`, the weights by term name, the balancer's state
+            updates, the diagnostic logs: empty unless `diagnostic`).
+        """
+        names = list(weights)
+        replicas = self.strategy.num_replicas_in_sync
+        balancer = self.balancers.get(phase.name)
+        per_term = gradients_lib.term_gradients(tape, targets, phase.variables)
+        if replicas > 1:
+            ctx = tf.distribute.get_replica_context()
+            per_term = ctx.all_reduce(tf.distribute.ReduceOp.SUM, per_term)
+        stacks = gradients_lib.stack_by_variable(per_term)
+        # Scaled losses (mixed precision) scale the gradients; the Gramian is of the true ones.
+        unscale = 1.0
+        if isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer):
+            unscale = 1.0 / tf.square(tf.cast(phase.optimizer.scale_loss(1.0), tf.float32))
+        target = self._balancer_targets.get(phase.name)
+        gram = None
+        if diagnostic or target is None:
+            gram = gradients_lib.gramian(stacks) * unscale
+        coefficients = update = None  # None: 1 for every term
+        if balancer is not None and balancer.needs_gradients:
+            target_gram = (
+                gram if target is None else gradients_lib.gramian(stacks, target) * unscale
+            )
+            weighting = balancer.weights(values, step, target_gram)
+            coefficients = update = weighting.weights
+            if weighting.mixing is not None:  # gradient surgery: g_i' = sum_k C_ik w_k g_k
+                update = tf.reduce_sum(weighting.mixing, axis=0) * coefficients
+            updates = tuple(updates) + tuple(weighting.updates)
+            weights = {n: weights[n] * coefficients[i] for i, n in enumerate(names)}
+        if update is None:  # the plain sum: no multiplications
+            grads = [tf.add_n(list(g)) for g in zip(*per_term, strict=True)]
+            if replicas > 1:
+                grads = [g / float(replicas) for g in grads]
+        else:
+            grads = gradients_lib.combine(stacks, update / float(replicas), phase.variables)
+        logs = {}
+        if diagnostic:
+            stats = gradients_lib.statistics(gram, coefficients, update)
+            for i, name in enumerate(names):
+                logs[f"grad_norm/{name}"] = stats["norms"][i] / replicas
+                logs[f"grad_cosine/{name}"] = stats["cosines"][i] / replicas
+            logs[f"grad_conflict/{phase.name}"] = stats["conflict"] / replicas
+            logs[f"{COSINE_MATRIX}/{phase.name}"] = stats["cosine_matrix"] / replicas
+        return grads, weights, updates, logs
+
+    def _replica_train_step(self, batch, diagnostic: bool = False):
+        step = self._step.read_value()
+        halted = self._halted.read_value()
+        logs = {}
+        ok_all = tf.logical_not(halted)
+        replica_ctx = tf.distribute.get_replica_context()
+        replicas = self.strategy.num_replicas_in_sync
+        self._checked_names = []
+        for phase in self.phases.values():
+            scale_loss = isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer)
+            balancer = self.balancers.get(phase.name)
+            per_term = diagnostic or (balancer is not None and balancer.needs_gradients)
+            updates, values = (), None
+            with tf.GradientTape(persistent=per_term) as tape:
+                reduced = self._phase_terms(phase, batch, training=True)
+                weights, weighted, total = self._weigh(reduced, step)
+                if balancer is not None:
+                    balancer.build(tuple(reduced))  # built before tracing: checks the names
+                    values = self._global_values(reduced)
+                if balancer is not None and not balancer.needs_gradients:
+                    weighting = balancer.weights(values, step)
+                    weights, weighted, total = self._reweigh(reduced, weights, weighting.weights)
+                    updates = weighting.updates
+                scaled = phase.optimizer.scale_loss if scale_loss else (lambda loss: loss)
+                targets = [scaled(weighted[n]) for n in reduced] if per_term else None
+                target = None if per_term else scaled(total)
+            if per_term:
+                grads, weights, updates, diagnostics = self._per_term_gradients(
+                    phase, tape, targets, weights, values, step, updates, diagnostic
+                )
+                del tape
+                logs.update(diagnostics)
+                if balancer is not None and balancer.needs_gradients:
+                    weighted = {n: weights[n] * reduced[n] for n in reduced}
+                    total = tf.add_n(list(weighted.values()))
+            else:
+                grads = tape.gradient(target, phase.variables)
+            flags = [tf.reduce_all(tf.math.is_finite(v)) for v in reduced.values()]
+            names = [f"{phase.name}/{n}" for n in reduced]
+            if not scale_loss:  # a LossScaleOptimizer handles its own overflowing gradients
+                finite = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+                flags.append(tf.reduce_all(finite) if finite else tf.constant(True))
+                names.append(f"{phase.name}/<gradient>")
+            flags = tf.cast(tf.stack(flags), tf.int32)
+            if replicas > 1:  # finite on every replica: the sum of the 0/1 flags is R
+                flags = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, flags)
+                flags = tf.cast(tf.equal(flags, replicas), tf.int32)
+            ok = tf.logical_and(ok_all, tf.reduce_all(flags > 0))
+            self._record_nonfinite(ok_all, flags, step, offset=len(self._checked_names))
+            self._checked_names.extend(names)
+            self._conditional_apply(phase, grads, ok)
+            for variable, value in updates:  # balancer state: only with the update
+                value = tf.cast(value, variable.dtype)
+                variable.assign(tf.where(ok, value, tf.convert_to_tensor(variable)))
+            ok_all = ok
+            for name in reduced:
+                logs[f"loss/{name}"] = reduced[name]
+                logs[f"weight/{name}"] = weights[name] / replicas
+                logs[f"weighted/{name}"] = weighted[name]
+            logs[f"total/{phase.name}"] = total
+            logs.update(self._phase_metrics.pop(phase.name, {}))
+        self._check_weight_names()
+        if self.on_nonfinite == "skip":
+            self._skipped.assign_add(tf.cast(tf.logical_not(ok_all), tf.int64))
+        logs["examples"] = tf.cast(data_lib.batch_size_of(batch), tf.float32)
+        return logs
+
+    def _record_nonfinite(self, ok_before, flags, step, offset: int) -> None:
+        """On the first non-finite term, remembers which and when (for the error message)."""
+        if self.on_nonfinite != "raise":
+            return
+        bad = tf.logical_and(ok_before, tf.logical_not(tf.reduce_all(flags > 0)))
+        # Unconditional assignments: under MirroredStrategy an assignment inside a `tf.cond` in
+        # replica context is a merge_call, which is not allowed there. `flags` is all-reduced,
+        # so every replica writes the same values.
+        first = tf.cast(tf.argmin(flags), tf.int32) + offset
+        self._nonfinite_index.assign(tf.where(bad, first, self._nonfinite_index))
+        self._nonfinite_step.assign(tf.where(bad, step + 1, self._nonfinite_step))
+        self._halted.assign(tf.logical_or(self._halted, bad))
+
+    def _conditional_apply(self, phase: Phase, grads, ok) -> None:
+        """Applies the update only when `ok`, in the way each strategy allows."""
+
+        def apply(grads):
+            phase.optimizer.apply(grads, phase.variables)
+            return tf.constant(True)
+
+        if not tf.distribute.has_strategy():
+            tf.cond(ok, lambda: apply(grads), lambda: tf.constant(False))
+            return
+
+        # A cond whose branch calls `optimizer.apply` is not allowed in a replica context under
+        # MirroredStrategy: branch in the cross-replica context (LossScaleOptimizer's pattern).
+        # The gradients go through `merge_call`'s args, so each replica applies its own.
+        def cross_replica(strategy, grads, ok):
+            ok = strategy.experimental_local_results(ok)[0]
+
+            def apply_each():
+                strategy.extended.call_for_each_replica(apply, args=(grads,))
+                return tf.constant(True)
+
+            tf.cond(ok, apply_each, lambda: tf.constant(False))
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(grads, ok))
+
+    def _replica_eval_step(self, batch):
+        step = self._step.read_value()
+        replicas = self.strategy.num_replicas_in_sync
+        logs = {}
+        for phase in self.phases.values():
+            reduced = self._phase_terms(phase, batch, training=False)
+            _, weighted, total = self._weigh(reduced, step)
+            logs.update({name: value for name, value in reduced.items()})
+            key = "total" if len(self.phases) == 1 else f"total/{phase.name}"
+            logs[key] = total
+            logs.update(self._phase_metrics.pop(phase.name, {}))
+        del replicas
+        logs["examples"] = tf.cast(data_lib.batch_size_of(batch), tf.float32)
+        return logs
+
+    def _compile_step(self, replica_fn, reductions: Callable[[str], tf.distribute.ReduceOp]):
+        strategy = self.strategy
+
+        def step(batch):
+            per_replica = strategy.run(replica_fn, args=(batch,))
+            return {k: strategy.reduce(reductions(k), v, axis=None) for k, v in per_replica.items()}
+
+        return tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+
+    def _make_train_function(self, diagnostic: bool = False):
+        """Runs `num_steps` steps; with `diagnostic`, the last one takes per-term gradients.
+
+        The host loop calls the diagnostic function for the compiled call that ends on a
+        multiple of `grad_log_every`, so a plain step never pays for diagnostics and no
+        `tf.cond` has to choose between an update from one or from T backward passes.
+        """
+        if self._step_functions is None:
+            sums = lambda key: tf.distribute.ReduceOp.SUM  # noqa: E731
+            plain = self._compile_step(self._replica_train_step, sums)
+            diagnose = self._compile_step(
+                functools.partial(self._replica_train_step, diagnostic=True), sums
+            )
+            self._step_functions = plain, diagnose
+        step_fn, last_fn = self._step_functions
+        if not diagnostic:
+            last_fn = step_fn
+        step_var, halted = self._step, self._halted
+
+        def one(fn, iterator):
+            logs = fn(next(iterator))
+            step_var.assign_add(tf.cast(tf.logical_not(halted), tf.int64))
+            return logs
+
+        @tf.function
+        def train_function(iterator, num_steps):
+            if diagnostic:
+                for _ in tf.range(num_steps - 1):
+                    one(step_fn, iterator)
+                return one(last_fn, iterator), halted.read_value()
+            logs = one(step_fn, iterator)
+            for _ in tf.range(num_steps - 1):
+                logs = one(step_fn, iterator)
+            return logs, halted.read_value()
+
+        return train_function
+
+    def _concrete(self, iterator, diagnostic: bool):
+        """The train function traced for `iterator`, as a concrete function.
+
+        Calling the `tf.function` itself matches its arguments against its traces on every
+        call, which for an iterator walks the whole element spec: on a small model that cost
+        about as much as the step. The concrete function skips it.
+        """
+        cached = self._calls.get(diagnostic)
+        if cached is None or cached[0] is not iterator:
+            function = self._diagnostic_function if diagnostic else self._train_function
+            concrete = function.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
+            self._calls[diagnostic] = cached = (iterator, concrete)
+        return cached[1]
+
+    def _make_eval_function(self):
+        step_fn = self._compile_step(
+            self._replica_eval_step, lambda key: tf.distribute.ReduceOp.SUM
+        )
+
+        def weighted(logs):
+            n = logs["examples"]
+            return {k: (v if k == "examples" else v * n) for k, v in logs.items()}
+
+        @tf.function
+        def eval_function(iterator, num_steps):
+            sums = weighted(step_fn(next(iterator)))
+            for _ in tf.range(num_steps - 1):
+                logs = weighted(step_fn(next(iterator)))
+                sums = {k: sums[k] + logs[k] for k in sums}
+            return sums
+
+        return eval_function
