@@ -20,8 +20,8 @@ phase and the gradient penalty's interpolates use D's network without that layer
 (`discriminator.get_layer("discriminator_network")`), so drift is a discriminator-phase term.
 
 The GAN's random draws (latents, the gradient penalty's epsilons) come from
-`generator.seed_generator`, whose state is saved in checkpoints with the generator: a resumed run
-draws the same noise as an uninterrupted one.
+`generator.seed_generator`, whose state the Trainer saves in its checkpoints (as it does every
+seed generator's): a resumed run draws the same noise as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -99,9 +99,6 @@ class Generator(keras.Model):
         self.latent_dim = int(latent_dim)
         self.network = _generator_network(tuple(image_shape), self.latent_dim, width)
         self.seed_generator = keras.random.SeedGenerator(seed)
-        # Keras does not put a SeedGenerator's state in TensorFlow checkpoints; this trackable
-        # does, so a resumed run continues the same noise.
-        self.noise_position = tf.train.Checkpoint(state=self.seed_generator.state)
         self.build((None, self.latent_dim))
 
     def build(self, input_shape=None):

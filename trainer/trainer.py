@@ -32,6 +32,23 @@ from trainer.step import COSINE_MATRIX, GRADIENT_TAGS, StepMixin
 from trainer.summaries import SummaryWriter
 
 
+def _seed_states(models) -> list:
+    """The state variables of the models' `keras.random.SeedGenerator`s.
+
+    `Layer.variables` holds them and `Layer.weights` does not, and Keras leaves them out of
+    TensorFlow checkpoints: without them a resumed run would replay the random draws (dropout,
+    noise, a VAE's samples) of its first steps.
+    """
+    states, seen = [], set()
+    for model in models:
+        weights = {id(w) for w in model.weights}
+        for variable in model.variables:
+            if id(variable) not in weights and id(variable) not in seen:
+                seen.add(id(variable))
+                states.append(variable)
+    return states
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss term (or a phase's gradient) became NaN or Inf; no update from it was applied."""
 
@@ -209,6 +226,9 @@ class Trainer(StepMixin):
             trackables.update({f"model_{k}": m for k, m in self._models.items()})
             trackables.update({f"optimizer_{p.name}": p.optimizer for p in self.phases.values()})
             trackables.update({f"balancer_{k}": b for k, b in self.balancers.items()})
+            seed_states = _seed_states(self._models.values())
+            if seed_states:
+                trackables["seed_states"] = seed_states
             self._checkpoints = Checkpoints(
                 checkpoint_dir,
                 max_checkpoints,

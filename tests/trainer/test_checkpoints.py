@@ -91,3 +91,32 @@ def test_unbuilt_subclassed_model_is_built_then_restored(tmp_path):
     again.fit((x, y), steps=1)
     assert again.step == 4
     assert int(again.phases["train"].optimizer.iterations.numpy()) == 4
+
+
+def test_resume_continues_the_random_stream(tmp_path):
+    # GaussianNoise draws from a keras SeedGenerator, whose state Keras leaves out of
+    # TensorFlow checkpoints: a resumed run must not replay the first steps' noise.
+    def noisy(directory):
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((4,))
+        h = keras.layers.GaussianNoise(0.5, seed=1)(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(1)(h))
+        return Trainer(
+            model,
+            keras.optimizers.SGD(0.05),
+            loss=losses.mean_squared_error,
+            checkpoint_dir=str(directory),
+            progress=False,
+            steps_per_execution=1,
+        )
+
+    x, y = regression_data(32)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    reference = noisy(tmp_path / "reference")
+    reference.fit(data, steps=4)
+    first = noisy(tmp_path / "resumed")
+    first.fit(data, steps=2)
+    second = noisy(tmp_path / "resumed")
+    second.fit(data, until_step=4)
+    for a, b in zip(weights_of(reference.model), weights_of(second.model), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
