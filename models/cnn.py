@@ -187,7 +187,6 @@ def train_and_evaluate(
             default = diversity_schedule if name.startswith("diversity_") else sparsity_schedule
             weights.setdefault(name, default)
         hparams = {
-            **config.hparams(),
             "sparsity_layers": ",".join(sparsity_layers),
             "sparsity_weight": sparsity_weight,
             "diversity_layer": diversity_layer or "",

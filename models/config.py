@@ -201,7 +201,10 @@ def make_optimizer(config: RunConfig, learning_rate: float | None = None):
 
 
 def trainer_options(config: RunConfig, strategy: tf.distribute.Strategy, **extra) -> dict:
-    """The Trainer keyword arguments a RunConfig sets (pass the job's own as `extra`)."""
+    """The Trainer keyword arguments a RunConfig sets (pass the job's own as `extra`).
+
+    `hparams` in `extra` are added to the config's own; any other key replaces the config's.
+    """
     options = dict(
         weights=dict(config.weights),
         log_dir=config.log_dir,
@@ -216,6 +219,7 @@ def trainer_options(config: RunConfig, strategy: tf.distribute.Strategy, **extra
         balancer=config.balancer,
         grad_log_every=config.grad_log_every,
     )
+    options["hparams"].update(extra.pop("hparams", {}))
     options.update(extra)
     return options
 

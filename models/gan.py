@@ -371,7 +371,6 @@ def train_and_evaluate(
                 "generator": gan_optimizer(config.learning_rate),
             }
         hparams = {
-            **config.hparams(),
             "loss": loss,
             "latent_dim": latent_dim,
             "width": width,

@@ -171,7 +171,6 @@ def train_and_evaluate(
             model = build_lstm(window, units=units, kl_target=kl_target)
             optimizer = make_optimizer(config)
         hparams = {
-            **config.hparams(),
             "window": window,
             "horizon": horizon,
             "units": units,

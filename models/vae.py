@@ -182,7 +182,6 @@ def train_and_evaluate(
             vae, encoder, decoder = build_vae(split.image_shape, latent_dim, free_bits, config.seed)
             optimizer = make_optimizer(config)
         hparams = {
-            **config.hparams(),
             "latent_dim": latent_dim,
             "free_bits": free_bits,
             "beta": beta,

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.hparams import api as hparams_api
@@ -106,3 +107,19 @@ class SummaryWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def read_events(log_dir: str) -> EventAccumulator:
+    """Loads every event of a run directory (the reader's default keeps only 10 per tag).
+
+    TF2 writes scalars as tensor events: `Tags()["tensors"]` lists every tag, and
+    `scalar_series` decodes one.
+    """
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    return events
+
+
+def scalar_series(events: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    """The (step, value) pairs of one scalar tag, in the order written."""
+    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]

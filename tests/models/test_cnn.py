@@ -3,11 +3,10 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from models import cnn
 from models.config import ConfigError, RunConfig
+from trainer.summaries import read_events, scalar_series
 
 
 def _data(n=12):
@@ -73,19 +72,14 @@ def test_job_logs_sparsity_and_accuracy(tmp_path):
     )
     assert {"accuracy", "cross_entropy", "sparsity_conv2", "diversity_features"} <= set(results)
     assert 0.0 <= results["sparsity/conv2"] <= 1.0
-    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
-    events.Reload()
+    events = read_events(tmp_path)
     tags = set(events.Tags()["tensors"])
     assert {"sparsity/conv2", "accuracy", "eval/accuracy", "eval/sparsity/conv2"} <= tags
     assert {"loss/sparsity_conv2", "loss/diversity_features"} <= tags
     # --weights names a term: it beats the --sparsity_weight default; diversity keeps its own.
-    weight = [
-        float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("weight/sparsity_conv2")
-    ]
+    weight = [v for _, v in scalar_series(events, "weight/sparsity_conv2")]
     assert weight[-1] == pytest.approx(0.5)
-    weight = [
-        float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("weight/diversity_features")
-    ]
+    weight = [v for _, v in scalar_series(events, "weight/diversity_features")]
     assert weight[-1] == pytest.approx(0.1)
 
 

@@ -3,10 +3,10 @@
 import keras
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from models import data, lstm
 from models.config import ConfigError, RunConfig
+from trainer.summaries import read_events
 
 
 def _euler_mackey_glass(t_end, dt=1e-3, tau=17.0, initial=1.2):
@@ -145,8 +145,7 @@ def test_job_reports_the_ratio_to_persistence(tmp_path):
     )
     results = lstm.train_and_evaluate(config, window=12, horizon=4, units=8)
     assert results["mse_ratio"] == pytest.approx(results["mse"] / results["persistence_mse"])
-    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
-    events.Reload()
+    events = read_events(tmp_path)
     tags = set(events.Tags()["tensors"])
     assert {"loss/mse", "loss/kl", "persistence_mse", "eval/mse_ratio"} <= tags
     assert {"eval/persistence_mse", "weight/kl"} <= tags

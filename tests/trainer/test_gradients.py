@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import linear_model, penalised_model, regression_data, weights_of
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import losses
 from trainer import Trainer, balancers, gradients
+from trainer.summaries import read_events
 
 
 def numpy_statistics(grads, weights=None, update=None):
@@ -151,12 +151,6 @@ def test_diagnostic_step_matches_independent_gradients_and_plain_update():
     # The update is the sum of the per-term gradients: the same as one backward pass.
     for a, b in zip(weights_of(diagnosed.model), weights_of(plain.model), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-def read_events(log_dir):
-    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
-    events.Reload()
-    return events
 
 
 def test_gradient_tags_heatmap_and_dominance_warning(tmp_path, caplog):

@@ -5,22 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import penalised_model, regression_data
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 import losses
 from trainer import Trainer
-
-
-def read_events(log_dir):
-    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
-    events.Reload()
-    return events
-
-
-def series(events, tag):
-    """(step, value) pairs of a TF2 scalar (written as tensor events)."""
-    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+from trainer.summaries import read_events
+from trainer.summaries import scalar_series as series
 
 
 def test_tags_steps_and_values(tmp_path):
