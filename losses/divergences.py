@@ -6,7 +6,7 @@ import tensorflow as tf
 
 
 def gaussian_kl_per_dimension(mean: tf.Tensor, log_variance: tf.Tensor) -> tf.Tensor:
-    """KL(N(mu, sigma^2) || N(0, 1)) of each latent dimension, in closed form.
+    """KL(N(mu, sigma^2) || N(0, 1)) of each latent dimension (Kingma & Welling 2014, App. B).
 
     KL_j = 0.5 * (sigma_j^2 + mu_j^2 - 1 - log sigma_j^2)
 

@@ -54,7 +54,8 @@ def weighted_binary_crossentropy(
             = (1 - y) z + (1 + (w - 1) y) softplus(-z)
 
     averaged over the label axes. With `w` = (#negatives / #positives) both classes weigh the
-    same in total; `w` = 1 is the ordinary binary cross-entropy.
+    same in total; `w` = 1 is the ordinary binary cross-entropy. Weighting the rare class so is
+    the correction of King & Zeng (2001), "Logistic Regression in Rare Events Data".
 
     Args:
         labels: [batch, ...] targets in [0, 1].
