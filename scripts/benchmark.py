@@ -139,8 +139,10 @@ def main(argv):
         name: make()
         for name, make in contenders(x, FLAGS.batch_size, FLAGS.steps_per_execution).items()
     }
-    for runner in built.values():  # warm-up: trace and build everything before timing
-        runner.run(2 * FLAGS.steps_per_execution)
+    # Warm-up: trace and build everything before timing. 200 steps cross the first logging and
+    # gradient-diagnostic steps (every 100), whose functions are traced when first due.
+    for runner in built.values():
+        runner.run(200)
     rates = {name: [] for name in built}
     for _ in range(FLAGS.repeats):
         for name, runner in built.items():
