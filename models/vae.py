@@ -72,7 +72,7 @@ class Sample(keras.layers.Layer):
 
     def call(self, inputs):
         mean, log_variance = inputs
-        eps = keras.random.normal(tf.shape(mean), seed=self.seed_generator)
+        eps = keras.random.normal(tf.shape(mean), dtype=mean.dtype, seed=self.seed_generator)
         return mean + tf.exp(0.5 * log_variance) * eps
 
 

@@ -38,6 +38,19 @@ def test_terms_are_reconstruction_and_kl():
     assert result["kl"] == pytest.approx(float(tf.reduce_mean(losses.gaussian_kl(mean, log_var))))
 
 
+def test_mixed_precision_keeps_the_terms_in_float32():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model, _, _ = vae.build_vae((8, 8, 1), latent_dim=3, seed=0)
+        x = np.random.default_rng(0).random((4, 8, 8, 1)).astype("float32")
+        t = vae.VAETrainer(model, keras.optimizers.Adam(1e-3), progress=False)
+        logs = t.fit(x, steps=2, batch_size=4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("sample").compute_dtype == "bfloat16"
+    assert np.isfinite(logs["loss/reconstruction"]) and np.isfinite(logs["loss/kl"])
+
+
 def test_convolutional_for_28x28():
     model, _, decoder = vae.build_vae((28, 28, 1), latent_dim=2)
     assert any(isinstance(layer, keras.layers.Conv2DTranspose) for layer in decoder.layers)
