@@ -50,8 +50,6 @@ from models import data as data_lib
 from models.config import RunConfig, config_errors, make_optimizer, set_up, trainer_options
 from trainer import Trainer
 
-KL_FORMS = ("gaussian", "bernoulli")
-
 
 def parse_kl_target(spec: str) -> tuple[str, float]:
     """Parses `--kl_target`: `gaussian:SIGMA` (SIGMA > 0) or `bernoulli:RHO` (0 < RHO < 1).
