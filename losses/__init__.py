@@ -5,7 +5,7 @@ statistic (a scalar); the Trainer does the reduction, so terms mean the same on 
 replicas.
 """
 
-from losses.adversarial import (
+from termwise.losses.adversarial import (
     DriftPenalty,
     drift_penalty,
     feature_matching,
@@ -16,8 +16,8 @@ from losses.adversarial import (
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
-from losses.divergences import free_bits_kl, gaussian_kl, gaussian_kl_per_dimension
-from losses.layers import (
+from termwise.losses.divergences import free_bits_kl, gaussian_kl, gaussian_kl_per_dimension
+from termwise.losses.layers import (
     ActivityPenalty,
     BernoulliSparsityKL,
     FeatureDiversity,
@@ -25,13 +25,13 @@ from losses.layers import (
     L1ActivitySparsity,
     penalize,
 )
-from losses.likelihoods import (
+from termwise.losses.likelihoods import (
     bernoulli_nll,
     mean_over_outputs,
     mean_squared_error,
     weighted_binary_crossentropy,
 )
-from losses.penalties import (
+from termwise.losses.penalties import (
     bernoulli_sparsity_kl,
     feature_diversity,
     fraction_below,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from losses import penalties
+from termwise.losses import penalties
 
 
 class ActivityPenalty(keras.layers.Layer):

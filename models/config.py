@@ -1,8 +1,9 @@
 """What every reference job shares: its run options, their checks, and the run's set-up.
 
-A script turns its flags into a `RunConfig` and calls one job (`models.vae.train_and_evaluate`,
-...). The job checks the config before any training; a bad value is a `ConfigError` whose
-message names the flag, which the scripts print as one line.
+A script turns its flags into a `RunConfig` and calls one job
+(`termwise.models.vae.train_and_evaluate`, ...). The job checks the config before any training;
+a bad value is a `ConfigError` whose message names the flag, which the scripts print as one
+line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from trainer import balancers, schedules
+from termwise.trainer import balancers, schedules
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
@@ -61,7 +62,7 @@ def parse_weights(values: Iterable[str] | None) -> dict[str, str]:
     Example: ["kl=cyclical:0:1:2000:0.5", "sparsity=0.1,regularization=linear:0:1:500"].
 
     Returns:
-        Term name to schedule string (each checked with `trainer.schedules.parse`).
+        Term name to schedule string (each checked with `termwise.schedules.parse`).
 
     Raises:
         ConfigError: naming --weights and the offending item.

@@ -34,11 +34,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-import losses
-from models import data as data_lib
-from models import images as images_lib
-from models.config import RunConfig, check_known, config_errors, set_up, trainer_options
-from trainer import Trainer
+from termwise import losses
+from termwise.models import data as data_lib
+from termwise.models import images as images_lib
+from termwise.models.config import RunConfig, check_known, config_errors, set_up, trainer_options
+from termwise.trainer import Trainer
 
 ADVERSARIAL_LOSSES = ("nonsaturating", "wgan_gp")
 FEATURE_MATCHING = ("l2", "l1", "none")

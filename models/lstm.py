@@ -45,10 +45,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-import losses
-from models import data as data_lib
-from models.config import RunConfig, config_errors, make_optimizer, set_up, trainer_options
-from trainer import Trainer
+from termwise import losses
+from termwise.models import data as data_lib
+from termwise.models.config import RunConfig, config_errors, make_optimizer, set_up, trainer_options
+from termwise.trainer import Trainer
 
 
 def parse_kl_target(spec: str) -> tuple[str, float]:
@@ -137,9 +137,10 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Trains the forecaster on `config.dataset` up to `config.steps`; evaluates it held out.
 
-    The series (`models.data.load_forecast`) is split in time: the test windows come from its
-    last 20%. Writes TensorBoard scalars (`loss/mse`, `loss/kl`, `persistence_mse`, `eval/...`,
-    `eval/mse_ratio`) and checkpoints to `config.log_dir`; a rerun of the same command resumes.
+    The series (`termwise.models.data.load_forecast`) is split in time: the test windows come
+    from its last 20%. Writes TensorBoard scalars (`loss/mse`, `loss/kl`, `persistence_mse`,
+    `eval/...`, `eval/mse_ratio`) and checkpoints to `config.log_dir`; a rerun of the same
+    command resumes.
 
     Args:
         config: the common run options (`dataset`: "mackey_glass" or PATH.csv).

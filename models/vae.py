@@ -24,11 +24,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-import losses
-from models import data as data_lib
-from models import images as images_lib
-from models.config import RunConfig, config_errors, make_optimizer, set_up, trainer_options
-from trainer import Trainer, schedules
+from termwise import losses
+from termwise.models import data as data_lib
+from termwise.models import images as images_lib
+from termwise.models.config import RunConfig, config_errors, make_optimizer, set_up, trainer_options
+from termwise.trainer import Trainer, schedules
 
 
 class GaussianKL(keras.layers.Layer):

@@ -26,10 +26,10 @@ import keras
 import tensorflow as tf
 from absl import app, flags
 
-import losses
-from models import data as data_lib
-from models import vae
-from trainer import Trainer
+from termwise import losses
+from termwise.models import data as data_lib
+from termwise.models import vae
+from termwise.trainer import Trainer
 
 flags.DEFINE_integer("steps", 1000, "Timed steps per contender per repeat.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats of each contender (the median is reported).")

@@ -42,8 +42,8 @@ with _quiet_native_stderr():
 
     tf.constant(0.0)  # initialises the devices (and their native log lines) here
 
-from models.config import STRATEGIES, ConfigError, RunConfig  # noqa: E402
-from trainer import balancers  # noqa: E402
+from termwise.models.config import STRATEGIES, ConfigError, RunConfig  # noqa: E402
+from termwise.trainer import balancers  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -18,7 +18,7 @@ below 1e-3, and `accuracy`.
 import common
 from absl import flags
 
-from models import cnn
+from termwise.models import cnn
 
 flags.DEFINE_list(
     "sparsity_layers", ["conv1", "conv2"], "Layers whose activations get the L1 penalty."

@@ -17,7 +17,7 @@ array `x` of images [n, h, w] or [n, h, w, 1].
 import common
 from absl import flags
 
-from models import gan
+from termwise.models import gan
 
 flags.DEFINE_enum(
     "loss",

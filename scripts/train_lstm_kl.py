@@ -14,7 +14,7 @@ The KL's forms and why `KLDivergence` on raw activations is ill-posed: see model
 import common
 from absl import flags
 
-from models import lstm
+from termwise.models import lstm
 
 flags.DEFINE_integer("window", 24, "Past values the LSTM sees.")
 flags.DEFINE_integer("horizon", 8, "Steps ahead to forecast (persistence gets worse with it).")

@@ -12,7 +12,7 @@ array `x` of images [n, h, w] or [n, h, w, 1].
 import common
 from absl import flags
 
-from models import vae
+from termwise.models import vae
 
 flags.DEFINE_integer("latent_dim", 16, "Size of the latent code z.")
 flags.DEFINE_float("free_bits", 0.0, "Free bits per latent dimension, in nats (0: off).")

@@ -9,9 +9,9 @@ Public surface:
     gradients: the per-term gradient engine (Gramian statistics, the dominance warning).
 """
 
-from trainer import balancers, gradients, schedules
-from trainer.terms import LossRecorder
-from trainer.trainer import NonFiniteLossError, Trainer
+from termwise.trainer import balancers, gradients, schedules
+from termwise.trainer.terms import LossRecorder
+from termwise.trainer.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "LossRecorder",

@@ -14,8 +14,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import balancers as balancers_lib
-from trainer import schedules
+from termwise.trainer import balancers as balancers_lib
+from termwise.trainer import schedules
 
 DEFAULT_PHASE = "train"
 ON_NONFINITE = ("raise", "skip")
@@ -47,7 +47,7 @@ def as_weight(name: str, value) -> Callable[[tf.Tensor], tf.Tensor]:
     ):
         raise ValueError(
             f"`weights[{name!r}]` ({value!r}) must be a number, a schedule (a callable of the "
-            f"step, see trainer.schedules) or a schedule string such as 'linear:0:1:5000'."
+            f"step, see termwise.schedules) or a schedule string such as 'linear:0:1:5000'."
         )
     if callable(value):
         return value
@@ -132,7 +132,7 @@ def check_balancers(balancer, phases) -> dict[str, balancers_lib.Balancer]:
             continue
         if not isinstance(value, balancers_lib.Balancer):
             raise ValueError(
-                f"{where} ({value!r}) must be a trainer.balancers.Balancer, a balancer "
+                f"{where} ({value!r}) must be a termwise.balancers.Balancer, a balancer "
                 "string such as 'pcgrad' or 'gradnorm:1.5', or None."
             )
         if id(value) in seen:

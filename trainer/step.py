@@ -28,10 +28,10 @@ from collections.abc import Callable, Mapping
 import keras
 import tensorflow as tf
 
-from trainer import data as data_lib
-from trainer import gradients as gradients_lib
-from trainer import terms as terms_lib
-from trainer.options import Phase
+from termwise.trainer import data as data_lib
+from termwise.trainer import gradients as gradients_lib
+from termwise.trainer import terms as terms_lib
+from termwise.trainer.options import Phase
 
 GRADIENT_TAGS = ("grad_norm/", "grad_cosine/", "grad_conflict/")
 COSINE_MATRIX = "grad_cosine_matrix"  # a [T, T] output of diagnostic steps, drawn as an image

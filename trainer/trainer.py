@@ -3,10 +3,10 @@
 This module holds the public `Trainer`: its options, its override points (`compute_terms`,
 `phase_variables`, `sample_weight`, `add_metric`), its state (build, restore, iterators) and
 the outer loop (`fit`, `evaluate`: logging, diagnostics, validation, checkpoints, progress).
-The step it compiles is `trainer.step.StepMixin` (what one update does, in replica context);
-the checks of its arguments are in `trainer.options`. As in Orbit, the compiled step knows
-nothing of files: each compiled call runs up to `steps_per_execution` steps and stops exactly
-at the next logging, diagnostic, checkpoint or validation step.
+The step it compiles is `termwise.trainer.step.StepMixin` (what one update does, in replica
+context); the checks of its arguments are in `termwise.trainer.options`. As in Orbit, the
+compiled step knows nothing of files: each compiled call runs up to `steps_per_execution` steps
+and stops exactly at the next logging, diagnostic, checkpoint or validation step.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import data as data_lib
-from trainer import gradients as gradients_lib
-from trainer import options as options_lib
-from trainer import terms as terms_lib
-from trainer import validation
-from trainer.checkpoints import Checkpoints
-from trainer.options import ON_NONFINITE, BalancerArg, Weight
-from trainer.progress import Progress
-from trainer.step import COSINE_MATRIX, GRADIENT_TAGS, StepMixin
-from trainer.summaries import SummaryWriter
+from termwise.trainer import data as data_lib
+from termwise.trainer import gradients as gradients_lib
+from termwise.trainer import options as options_lib
+from termwise.trainer import terms as terms_lib
+from termwise.trainer import validation
+from termwise.trainer.checkpoints import Checkpoints
+from termwise.trainer.options import ON_NONFINITE, BalancerArg, Weight
+from termwise.trainer.progress import Progress
+from termwise.trainer.step import COSINE_MATRIX, GRADIENT_TAGS, StepMixin
+from termwise.trainer.summaries import SummaryWriter
 
 
 def _seed_states(models) -> list:
@@ -60,11 +60,11 @@ class Trainer(StepMixin):
     `add_loss` from a layer named `kl`:
 
     ```python
-    class VAETrainer(trainer.Trainer):
+    class VAETrainer(tw.Trainer):
         def compute_terms(self, batch, training):
             x = batch
             logits = self.model(x, training=training)      # the `kl` layer calls add_loss
-            return {"reconstruction": losses.bernoulli_nll(x, logits)}   # per example, [batch]
+            return {"reconstruction": tw.losses.bernoulli_nll(x, logits)}  # per example
 
     vae_trainer = VAETrainer(
         vae, keras.optimizers.Adam(1e-3),
@@ -86,9 +86,9 @@ class Trainer(StepMixin):
             values`, a Keras loss (used per example), or a dict of them (one term per key; a
             key naming one of the model's outputs applies to that output). None: the model's
             `add_loss` terms alone.
-        weights: term name to weight: a number, a schedule (`trainer.schedules`) or a schedule
+        weights: term name to weight: a number, a schedule (`termwise.schedules`) or a schedule
             string (`"linear:0:1:5000"`). Terms without one weigh 1.
-        balancer: a `trainer.balancers.Balancer`, its string form (`"pcgrad"`, `"gradnorm:1.5"`,
+        balancer: a `termwise.balancers.Balancer`, its string form (`"pcgrad"`, `"gradnorm:1.5"`,
             see `balancers.parse`; with several phases, one balancer each), or a dict of them
             keyed by phase name. Its weights multiply the schedules' (`weight/<term>` logs the
             product); its state is checkpointed. A balancer that needs gradients makes every
@@ -299,12 +299,12 @@ class Trainer(StepMixin):
         Override it for anything else:
 
         ```python
-        class DenoisingTrainer(trainer.Trainer):
+        class DenoisingTrainer(tw.Trainer):
             def compute_terms(self, batch, training):
                 x, _ = batch
                 noisy = x + 0.1 * tf.random.normal(tf.shape(x))
                 x_hat = self.model(noisy, training=training)
-                return {"reconstruction": losses.mean_squared_error(x, x_hat)}
+                return {"reconstruction": tw.losses.mean_squared_error(x, x_hat)}
         ```
 
         A trainer with several phases defines `compute_terms(self, batch, training, phase)` and

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import losses
+from termwise import losses
 
 
 def test_gaussian_kl_matches_monte_carlo():

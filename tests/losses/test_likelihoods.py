@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import losses
+from termwise import losses
 
 
 def sigmoid(z):

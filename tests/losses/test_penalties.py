@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import losses
-from trainer.terms import LossRecorder
+from termwise import losses
+from termwise.trainer.terms import LossRecorder
 
 
 def test_l1_activity_and_fraction_below_by_hand():

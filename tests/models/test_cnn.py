@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from models import cnn
-from models.config import ConfigError, RunConfig
-from trainer.summaries import read_events, scalar_series
+from termwise.models import cnn
+from termwise.models.config import ConfigError, RunConfig
+from termwise.trainer.summaries import read_events, scalar_series
 
 
 def _data(n=12):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import gan
+from termwise.models import gan
 
 IMAGES = np.random.default_rng(0).uniform(size=(16, 8, 8, 1)).astype("float32")
 

@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from models import data, lstm
-from models.config import ConfigError, RunConfig
-from trainer.summaries import read_events
+from termwise.models import data, lstm
+from termwise.models.config import ConfigError, RunConfig
+from termwise.trainer.summaries import read_events
 
 
 def _euler_mackey_glass(t_end, dt=1e-3, tau=17.0, initial=1.2):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import losses
-from models import vae
-from models.config import ConfigError, RunConfig
-from trainer.summaries import read_events, scalar_series
+from termwise import losses
+from termwise.models import vae
+from termwise.models.config import ConfigError, RunConfig
+from termwise.trainer.summaries import read_events, scalar_series
 
 
 def test_kl_layer_adds_the_closed_form_kl_and_free_bits_in_training():

@@ -35,6 +35,14 @@ COMMON_FLAGS = (
 )
 
 
+def checkout_env(**extra) -> dict:
+    """The environment for a subprocess that must import this checkout's `termwise` (not
+    another copy installed elsewhere): the clone's root first on PYTHONPATH."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def run_script(name, *argvs, timeout=TIMEOUT_S):
     """Runs scripts/<name>.py once per argument list, all at once (each run pays a TensorFlow
     import, so running them side by side saves wall time); returns one CompletedProcess per
@@ -47,6 +55,7 @@ def run_script(name, *argvs, timeout=TIMEOUT_S):
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
+            env=checkout_env(),
         )
         for argv in argvs
     ]

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+from script_checks import ROOT, checkout_env
 
 
 def test_benchmark_reports_ratios(tmp_path):
@@ -24,6 +24,7 @@ def test_benchmark_reports_ratios(tmp_path):
         timeout=300,
         check=False,
         cwd=ROOT,
+        env=checkout_env(),
     )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out_file.read_text())

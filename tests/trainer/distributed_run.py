@@ -23,8 +23,8 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras  # noqa: E402
 from helpers import penalised_model, regression_data  # noqa: E402
 
-import losses  # noqa: E402
-from trainer import Trainer, balancers  # noqa: E402
+from termwise import losses  # noqa: E402
+from termwise.trainer import Trainer, balancers  # noqa: E402
 
 
 class Scalar(Trainer):

@@ -16,8 +16,8 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from helpers import penalised_model, regression_data  # noqa: E402
 
-import losses  # noqa: E402
-from trainer import Trainer  # noqa: E402
+from termwise import losses  # noqa: E402
+from termwise.trainer import Trainer  # noqa: E402
 
 
 def main(kind, log_dir):

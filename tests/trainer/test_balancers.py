@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 from helpers import linear_model, penalised_model, regression_data, weights_of
 
-import losses
-from trainer import Trainer, balancers
+from termwise import losses
+from termwise.trainer import Trainer, balancers
 
 
 def built(balancer, count):
@@ -197,7 +197,7 @@ def test_parse_errors_and_none():
     "balancer, message",
     [
         ("foo", r"`balancer`: Balancer 'foo': unknown balancer"),
-        (3, r"`balancer` \(3\) must be a trainer.balancers.Balancer"),
+        (3, r"`balancer` \(3\) must be a termwise.balancers.Balancer"),
         ({"gen": "pcgrad"}, r"`balancer` names phases that do not exist: \['gen'\]"),
     ],
 )

@@ -5,8 +5,8 @@ import numpy as np
 import tensorflow as tf
 from helpers import penalised_model, regression_data, weights_of
 
-import losses
-from trainer import Trainer
+from termwise import losses
+from termwise.trainer import Trainer
 
 
 def make(log_dir, **kwargs):

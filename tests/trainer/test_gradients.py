@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 from helpers import linear_model, penalised_model, regression_data, weights_of
 
-import losses
-from trainer import Trainer, balancers, gradients
-from trainer.summaries import read_events
+from termwise import losses
+from termwise.trainer import Trainer, balancers, gradients
+from termwise.trainer.summaries import read_events
 
 
 def numpy_statistics(grads, weights=None, update=None):
@@ -186,7 +186,7 @@ def test_gradient_tags_heatmap_and_dominance_warning(tmp_path, caplog):
 
 
 def test_cosine_image_colours():
-    from trainer.summaries import cosine_image
+    from termwise.trainer.summaries import cosine_image
 
     image = cosine_image(np.array([[1.0, -1.0], [0.0, 0.5]]), cell=2)
     assert image.shape == (4, 4, 3)
@@ -223,7 +223,7 @@ def test_diagnostics_with_two_phases_and_nonfinite_raise():
     assert {"grad_conflict/first", "grad_conflict/second"} <= set(logs)
     state = t.balancers["second"].mean.numpy().copy()
     good = weights_of(second)
-    from trainer import NonFiniteLossError
+    from termwise.trainer import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match="'size_second'"):
         t.fit((x, y), steps=2, batch_size=32)

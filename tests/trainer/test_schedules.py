@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import schedules
+from termwise.trainer import schedules
 
 
 def values(schedule, steps):

@@ -7,10 +7,10 @@ import tensorflow as tf
 from helpers import penalised_model, regression_data
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-import losses
-from trainer import Trainer
-from trainer.summaries import read_events
-from trainer.summaries import scalar_series as series
+from termwise import losses
+from termwise.trainer import Trainer
+from termwise.trainer.summaries import read_events
+from termwise.trainer.summaries import scalar_series as series
 
 
 def test_tags_steps_and_values(tmp_path):

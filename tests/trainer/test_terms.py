@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import terms as terms_lib
+from termwise.trainer import terms as terms_lib
 
 
 class AddsSum(keras.layers.Layer):

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 from helpers import linear_model, penalised_model, regression_data, weights_of
 
-import losses
-from trainer import NonFiniteLossError, Trainer, schedules
+from termwise import losses
+from termwise.trainer import NonFiniteLossError, Trainer, schedules
 
 
 def sgd(lr=0.1):
