@@ -1,0 +1,159 @@
+"""The balancer protocol: what a balancer returns for one step, and the base class.
+
+A balancer is built once with its phase's term names (creating its state as variables, which
+the Trainer checkpoints), then called once per step inside the compiled step::
+
+    weighting = balancer.weights(values, step, gram)   # values: [T] global term values
+    weighting.weights   # [T] multipliers; weight/<term> = schedule weight x this
+    weighting.mixing    # None, or [T, T]: gradient surgery (PCGrad, Aligned-MTL)
+    weighting.updates   # (variable, new value) pairs, assigned only if the step is applied
+
+`Form` and `numbers` are what each family's module uses to declare its `parse` strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import tensorflow as tf
+
+
+class Weighting(NamedTuple):
+    """What a balancer returns for one step.
+
+    Attributes:
+        weights: [T] float32 multipliers of the terms (of their gradients, for gradient-based
+            balancers), in the order of the term names.
+        updates: (variable, new value) pairs: the balancer's new state, assigned by the Trainer
+            only when the step's update is applied (every term and the gradient finite).
+        mixing: None, or a [T, T] matrix C whose row i gives term i's modified gradient as a
+            combination of the weighted gradients, ``g_i' = sum_k C_ik w_k g_k``; the update
+            is then ``sum_i g_i'``. Only gradient-based balancers return one.
+    """
+
+    weights: tf.Tensor
+    updates: tuple = ()
+    mixing: tf.Tensor | None = None
+
+
+class Balancer(tf.Module):
+    """Base class: state as variables, built once the term names are known.
+
+    Subclasses set `needs_gradients`, create their state in `_build(count)` with
+    `self._state(...)`, and implement `_weights(values, step, gram) -> Weighting`.
+
+    Args:
+        layer: for gradient-based balancers, the name of the layer whose variables the Gramian
+            is taken over (GradNorm's "last shared layer"); None: all of the phase's variables.
+    """
+
+    needs_gradients: bool = False
+
+    def __init__(self, *, layer: str | None = None, name: str | None = None):
+        super().__init__(name=name)
+        if layer is not None and (not isinstance(layer, str) or not layer):
+            raise ValueError(f"`layer` ({layer!r}) must be a layer name or None.")
+        if layer is not None and not self.needs_gradients:
+            raise ValueError(
+                f"`layer` ({layer!r}): {type(self).__name__} uses no gradients; only "
+                "gradient-based balancers take a target layer."
+            )
+        self.layer = layer
+        self._term_names: tuple[str, ...] | None = None
+
+    @property
+    def built(self) -> bool:
+        return self._term_names is not None
+
+    @property
+    def term_names(self) -> tuple[str, ...] | None:
+        """The names of the terms this balancer weighs, in order (None before `build`)."""
+        return self._term_names
+
+    @property
+    def spec(self) -> str:
+        """The `parse` string of this balancer (recorded in the hparams)."""
+        return type(self).__name__
+
+    def build(self, term_names: Sequence[str]) -> None:
+        """Creates the state for these terms (once; call it in the strategy's scope).
+
+        Raises:
+            ValueError: if it was built for other terms (one balancer per phase).
+        """
+        names = tuple(term_names)
+        if self._term_names is not None:
+            if names != self._term_names:
+                raise ValueError(
+                    f"{type(self).__name__} was built for the terms {list(self._term_names)}, "
+                    f"not {list(names)}: use one balancer per phase."
+                )
+            return
+        if not names:
+            raise ValueError(f"{type(self).__name__} needs at least one term.")
+        self._build(len(names))
+        self._term_names = names
+
+    def weights(
+        self, values: tf.Tensor, step: tf.Tensor, gram: tf.Tensor | None = None
+    ) -> Weighting:
+        """This step's weights and new state.
+
+        Args:
+            values: [T] the terms' global values (no gradient flows through them).
+            step: the global step before this update (int64 scalar).
+            gram: [T, T] Gramian of the per-term gradients (gradient-based balancers only).
+        """
+        if self._term_names is None:
+            raise ValueError(f"{type(self).__name__} is not built; call build(term_names).")
+        values = tf.stop_gradient(tf.cast(values, tf.float32))
+        if self.needs_gradients and gram is None:
+            raise ValueError(f"{type(self).__name__} needs the Gramian of per-term gradients.")
+        return self._weights(values, step, gram)
+
+    def _build(self, count: int) -> None:
+        del count
+
+    def _weights(self, values, step, gram) -> Weighting:
+        raise NotImplementedError
+
+    def _state(self, name: str, initial) -> tf.Variable:
+        """A non-trainable state variable, the same on every replica."""
+        return tf.Variable(
+            initial,
+            trainable=False,
+            name=name,
+            dtype=tf.float32,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+
+
+class Form(NamedTuple):
+    """One accepted `parse` string: its usage text and the builder of its fields.
+
+    Attributes:
+        usage: the form as the help lists it, e.g. ``"gradnorm[:ALPHA[:LEARNING_RATE[:LAYER]]]"``.
+        build: turns the fields after the name (strings) into a balancer; raises `ValueError`
+            naming the bad field.
+    """
+
+    usage: str
+    build: Callable[[list[str]], Balancer]
+
+
+def numbers(fields: Sequence[str], kinds: Sequence[type]) -> list:
+    """Converts `parse` fields to numbers of `kinds`, in order.
+
+    Raises:
+        ValueError: for more fields than kinds, or a field that is not a number of its kind.
+    """
+    if len(fields) > len(kinds):
+        raise ValueError(f"takes at most {len(kinds)} fields, got {len(fields)}")
+    out = []
+    for field, kind in zip(fields, kinds, strict=False):
+        try:
+            out.append(kind(field))
+        except ValueError:
+            raise ValueError(f"field {field!r} is not a {kind.__name__}") from None
+    return out
