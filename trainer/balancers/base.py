@@ -7,6 +7,7 @@ the Trainer checkpoints), then called once per step inside the compiled step::
     weighting.weights   # [T] multipliers; weight/<term> = schedule weight x this
     weighting.mixing    # None, or [T, T]: gradient surgery (PCGrad, Aligned-MTL)
     weighting.updates   # (variable, new value) pairs, assigned only if the step is applied
+    weighting.valid     # None, or [T] bool: False where a term breaks `balancer.precondition`
 
 `Form` and `numbers` are what each family's module uses to declare its `parse` strings.
 """
@@ -30,11 +31,18 @@ class Weighting(NamedTuple):
         mixing: None, or a [T, T] matrix C whose row i gives term i's modified gradient as a
             combination of the weighted gradients, ``g_i' = sum_k C_ik w_k g_k``; the update
             is then ``sum_i g_i'``. Only gradient-based balancers return one.
+        valid: None, or a [T] bool tensor: False where term i breaks the balancer's
+            documented `precondition` this step (a term <= 0 under a balancer that takes its
+            logarithm). The Trainer treats such a step as it treats a non-finite term: with
+            `on_nonfinite="raise"` it stops before applying it, with an error that names the
+            balancer, the precondition, the term and the step; with "skip" it drops the step.
+            Either way the balancer's state is not updated from it.
     """
 
     weights: tf.Tensor
     updates: tuple = ()
     mixing: tf.Tensor | None = None
+    valid: tf.Tensor | None = None
 
 
 class Balancer(tf.Module):
@@ -49,6 +57,9 @@ class Balancer(tf.Module):
     """
 
     needs_gradients: bool = False
+    # What the terms must satisfy, in words, for a balancer that returns `Weighting.valid`
+    # (for example "every term > 0"); the Trainer's error message quotes it.
+    precondition: str | None = None
 
     def __init__(self, *, layer: str | None = None, name: str | None = None):
         super().__init__(name=name)
