@@ -8,6 +8,11 @@ the Trainer checkpoints), then called once per step inside the compiled step::
     weighting.mixing    # None, or [T, T]: gradient surgery (PCGrad, Aligned-MTL)
     weighting.updates   # (variable, new value) pairs, assigned only if the step is applied
     weighting.valid     # None, or [T] bool: False where a term breaks `balancer.precondition`
+    weighting.update    # None, or the phase's update itself, one flat tensor per variable
+
+A balancer whose update is not a combination of this step's gradients (DB-MTL averages past
+gradients) sets `needs_stacks`: it is built with the phase's variable shapes and also receives
+the per-term gradients, stacked by variable, to keep such state.
 
 `Form` and `numbers` are what each family's module uses to declare its `parse` strings.
 """
@@ -37,12 +42,17 @@ class Weighting(NamedTuple):
             `on_nonfinite="raise"` it stops before applying it, with an error that names the
             balancer, the precondition, the term and the step; with "skip" it drops the step.
             Either way the balancer's state is not updated from it.
+        update: None, or the update to apply, one flat [n_v] float32 tensor per variable of
+            the phase (the sum convention: what a plain sum of the gradients would be). Only
+            balancers with `needs_stacks` return one; `weights` then says how the logged
+            `weight/<term>` reads.
     """
 
     weights: tf.Tensor
     updates: tuple = ()
     mixing: tf.Tensor | None = None
     valid: tf.Tensor | None = None
+    update: list | None = None
 
 
 class Balancer(tf.Module):
@@ -60,6 +70,9 @@ class Balancer(tf.Module):
     # What the terms must satisfy, in words, for a balancer that returns `Weighting.valid`
     # (for example "every term > 0"); the Trainer's error message quotes it.
     precondition: str | None = None
+    # Also receives the per-term gradients stacked by variable (`weights(..., stacks=...)`) and is
+    # built with the variables' shapes (`_build_stacks`); implies `needs_gradients`.
+    needs_stacks: bool = False
 
     def __init__(self, *, layer: str | None = None, name: str | None = None):
         super().__init__(name=name)
@@ -87,8 +100,13 @@ class Balancer(tf.Module):
         """The `parse` string of this balancer (recorded in the hparams)."""
         return type(self).__name__
 
-    def build(self, term_names: Sequence[str]) -> None:
+    def build(self, term_names: Sequence[str], shapes: Sequence | None = None) -> None:
         """Creates the state for these terms (once; call it in the strategy's scope).
+
+        Args:
+            term_names: the phase's term names, in order.
+            shapes: the shapes of the phase's (or the target layer's) variables, for a balancer
+                with `needs_stacks`; ignored by the others.
 
         Raises:
             ValueError: if it was built for other terms (one balancer per phase).
@@ -104,10 +122,18 @@ class Balancer(tf.Module):
         if not names:
             raise ValueError(f"{type(self).__name__} needs at least one term.")
         self._build(len(names))
+        if self.needs_stacks:
+            if shapes is None:
+                raise ValueError(f"{type(self).__name__} needs the variables' shapes to build.")
+            self._build_stacks(len(names), [tf.TensorShape(s) for s in shapes])
         self._term_names = names
 
     def weights(
-        self, values: tf.Tensor, step: tf.Tensor, gram: tf.Tensor | None = None
+        self,
+        values: tf.Tensor,
+        step: tf.Tensor,
+        gram: tf.Tensor | None = None,
+        stacks: Sequence[tf.Tensor] | None = None,
     ) -> Weighting:
         """This step's weights and new state.
 
@@ -115,16 +141,26 @@ class Balancer(tf.Module):
             values: [T] the terms' global values (no gradient flows through them).
             step: the global step before this update (int64 scalar).
             gram: [T, T] Gramian of the per-term gradients (gradient-based balancers only).
+            stacks: for balancers with `needs_stacks`: one [T, n_v] float32 tensor per
+                variable, row i the (schedule-weighted) gradient of term i.
         """
         if self._term_names is None:
             raise ValueError(f"{type(self).__name__} is not built; call build(term_names).")
         values = tf.stop_gradient(tf.cast(values, tf.float32))
         if self.needs_gradients and gram is None:
             raise ValueError(f"{type(self).__name__} needs the Gramian of per-term gradients.")
+        if self.needs_stacks:
+            if stacks is None:
+                raise ValueError(f"{type(self).__name__} needs the per-term gradient stacks.")
+            return self._weights(values, step, gram, stacks)
         return self._weights(values, step, gram)
 
     def _build(self, count: int) -> None:
         del count
+
+    def _build_stacks(self, count: int, shapes: list[tf.TensorShape]) -> None:
+        """Creates state shaped like the variables (balancers with `needs_stacks`)."""
+        del count, shapes
 
     def _weights(self, values, step, gram) -> Weighting:
         raise NotImplementedError
