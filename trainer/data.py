@@ -1,17 +1,80 @@
-"""Turning what users pass to `fit` and `evaluate` into a `tf.data.Dataset`."""
+"""Turning what users pass to `fit` and `evaluate` into a `tf.data.Dataset`.
+
+Accepted: a `tf.data.Dataset` (used as it is: already batched), arrays (sliced along their
+first axis and batched), a `keras.utils.PyDataset`, and a Python generator or iterator of
+batches (through `tf.data.Dataset.from_generator`, its structure taken from the first batch).
+A dataset read through Python (the last two) cannot have its position saved in a checkpoint
+(`is_python_fed`).
+"""
 
 from __future__ import annotations
 
+import collections.abc
+import itertools
+
+import keras
 import numpy as np
 import tensorflow as tf
+
+_PYTHON_FED = "_termwise_python_fed"
+_HEAD = "_termwise_first_batch"
+
+
+def _spec_of(batch):
+    """The `tf.TensorSpec` structure of a batch, its leading (batch) axis left free."""
+
+    def spec(value):
+        tensor = tf.convert_to_tensor(value)
+        shape = [None, *tensor.shape[1:]] if tensor.shape.rank else []
+        return tf.TensorSpec(shape, tensor.dtype)
+
+    return tf.nest.map_structure(spec, tuple(batch) if isinstance(batch, list) else batch)
+
+
+def _from_python(make_iterator, first, length: int | None) -> tf.data.Dataset:
+    def generator():
+        for batch in make_iterator():
+            yield tuple(batch) if isinstance(batch, list) else batch
+
+    dataset = tf.data.Dataset.from_generator(generator, output_signature=_spec_of(first))
+    if length is not None:
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(length))
+    setattr(dataset, _PYTHON_FED, "once" if length is None else "repeatable")
+    setattr(dataset, _HEAD, tf.nest.map_structure(tf.convert_to_tensor, _spec_like(first)))
+    return dataset
+
+
+def _spec_like(batch):
+    return tuple(batch) if isinstance(batch, list) else batch
+
+
+def is_python_fed(dataset: tf.data.Dataset) -> bool:
+    """Whether the dataset reads Python objects (its position cannot be checkpointed)."""
+    return bool(getattr(dataset, _PYTHON_FED, False))
+
+
+def is_read_once(dataset: tf.data.Dataset) -> bool:
+    """Whether the dataset is a Python generator's: one pass, never repeated."""
+    return getattr(dataset, _PYTHON_FED, None) == "once"
+
+
+def first_batch(dataset: tf.data.Dataset, name: str):
+    """The dataset's first batch (without reading a generator), or a ValueError naming `name`."""
+    head = getattr(dataset, _HEAD, None)
+    if head is not None:
+        return head
+    for batch in dataset.take(1):
+        return batch
+    raise ValueError(f"`{name}` holds no batch: nothing to train on or evaluate.")
 
 
 def as_dataset(data, *, batch_size: int, shuffle: bool, seed: int | None = None) -> tf.data.Dataset:
     """Returns `data` as a batched `tf.data.Dataset`.
 
     Args:
-        data: a `tf.data.Dataset` (used as it is: already batched), or arrays to slice along the
-            first axis: an array, or a tuple/list/dict of arrays (`(x, y[, sample_weight])`).
+        data: a `tf.data.Dataset` (used as it is: already batched), arrays to slice along the
+            first axis (an array, or a tuple/list/dict of arrays: `(x, y[, sample_weight])`), a
+            `keras.utils.PyDataset`, or a generator (an iterator) of batches.
         batch_size: batch size for arrays.
         shuffle: reshuffle arrays every pass.
         seed: shuffle seed.
@@ -21,6 +84,26 @@ def as_dataset(data, *, batch_size: int, shuffle: bool, seed: int | None = None)
     """
     if isinstance(data, tf.data.Dataset):
         return data
+    if isinstance(data, keras.utils.PyDataset):
+        length = data.num_batches
+        if length == 0:
+            raise ValueError("`data` is a PyDataset of 0 batches: nothing to train on.")
+
+        def batches():
+            if length is None:
+                yield from (data[i] for i in itertools.count())
+            else:
+                yield from (data[i] for i in range(length))
+            data.on_epoch_end()
+
+        return _from_python(batches, data[0], length)
+    if isinstance(data, collections.abc.Iterator):
+        try:
+            head = next(data)
+        except StopIteration:
+            raise ValueError("`data` is a generator that yields no batch.") from None
+        rest = itertools.chain([head], data)  # one pass: a second iteration yields nothing
+        return _from_python(lambda: rest, head, None)
     if isinstance(data, (np.ndarray, tf.Tensor)):
         arrays = data
     elif isinstance(data, (tuple, list, dict)) and data:

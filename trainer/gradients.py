@@ -11,6 +11,7 @@ is summed variable by variable without concatenating the gradients::
     norm_i    = sqrt(G_ii)                       grad_norm/<term>
     total     = sum_i g_i,  |total|^2 = 1' G 1   (or the update sum_k u_k g_k, see `statistics`)
     cosine_i  = (G 1)_i / (norm_i |total|)       grad_cosine/<term>
+    share_i   = (G 1)_i / |total|^2              grad_share/<term>: the shares sum to 1
     C_ij      = G_ij / (norm_i norm_j)           the pairwise cosine matrix (a heatmap image)
     conflict  = #{i < j : G_ij < 0} / #{i < j}   grad_conflict/<phase>
 
@@ -84,30 +85,57 @@ def combine(stacks: Sequence[tf.Tensor], coefficients: tf.Tensor, variables) -> 
 
 
 def statistics(
-    gram: tf.Tensor, weights: tf.Tensor | None = None, update: tf.Tensor | None = None
+    gram: tf.Tensor,
+    weights: tf.Tensor | None = None,
+    update: tf.Tensor | None = None,
+    *,
+    products: tf.Tensor | None = None,
+    update_norm2: tf.Tensor | None = None,
 ) -> dict[str, tf.Tensor]:
-    """Norms, cosines and conflicts of the weighted gradients ``w_i g_i``, from the g_i's Gramian.
+    """Norms, cosines, shares and conflicts of the weighted gradients ``w_i g_i``.
+
+    With the update ``U = sum_k u_k g_k``::
+
+        norm_i     = |w_i g_i|
+        cosine_i   = (w_i g_i . U) / (|w_i g_i| |U|)
+        share_i    = (u_i g_i . U) / |U|^2            term i's share of the update: sum_i = 1
+
+    ``u_i g_i`` is term i's part of the update, so the shares add up to 1 whatever the method
+    (for a plain or loss-weighted sum ``u = w``). A share is the length of that part's
+    projection on U over |U|: it is negative when the part points against the update, and can
+    exceed 1 when other parts cancel some of it.
 
     Args:
         gram: [T, T] Gramian of the per-term gradients g_i.
         weights: [T] multipliers ``w_i`` of the g_i (None: all 1).
-        update: [T] coefficients ``u_k`` of the total gradient ``sum_k u_k g_k`` (None: the
-            weights, so the total is ``sum_i w_i g_i``; gradient surgery makes it differ).
+        update: [T] coefficients ``u_k`` of the update (None: the weights; gradient surgery
+            makes them differ).
+        products: instead of `update`, for an update that is not a combination of the g_i:
+            [T] the products ``g_i . U``; then `update_norm2` is ``|U|^2`` and the shares are
+            ``w_i g_i . U / |U|^2`` (which need not sum to 1).
+        update_norm2: ``|U|^2``, with `products`.
 
     Returns:
-        `norms` [T] of ``w_i g_i``, `cosines` [T] of ``w_i g_i`` to the total, `cosine_matrix`
-        [T, T] (pairwise) and `conflict` (scalar: the fraction of pairs with a negative cosine;
-        0 for one term). A zero gradient has cosine 0 with everything.
+        `norms` [T], `cosines` [T], `shares` [T], `cosine_matrix` [T, T] (pairwise, of the
+        weighted gradients) and `conflict` (scalar: the fraction of pairs with a negative
+        cosine; 0 for one term). A zero gradient has cosine 0 with everything.
     """
     gram = tf.convert_to_tensor(gram, tf.float32)
     count = int(gram.shape[0])
     w = tf.ones([count]) if weights is None else tf.convert_to_tensor(weights, tf.float32)
-    u = w if update is None else tf.convert_to_tensor(update, tf.float32)
     weighted = gram * w[:, None] * w[None, :]
     norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(weighted), 0.0))
-    to_total = w * tf.linalg.matvec(gram, u)  # (w_i g_i) . sum_k u_k g_k
-    total_norm = tf.sqrt(tf.maximum(tf.tensordot(u, tf.linalg.matvec(gram, u), 1), 0.0))
-    cosines = tf.math.divide_no_nan(to_total, norms * total_norm)
+    if products is None:
+        u = w if update is None else tf.convert_to_tensor(update, tf.float32)
+        products = tf.linalg.matvec(gram, u)  # g_i . U
+        update_norm2 = tf.tensordot(u, products, 1)
+        parts = u * products
+    else:
+        parts = w * products
+    update_norm2 = tf.maximum(update_norm2, 0.0)
+    to_total = w * products  # (w_i g_i) . U
+    cosines = tf.math.divide_no_nan(to_total, norms * tf.sqrt(update_norm2))
+    shares = tf.math.divide_no_nan(parts, update_norm2)
     matrix = tf.math.divide_no_nan(weighted, norms[:, None] * norms[None, :])
     pairs = count * (count - 1) // 2
     if pairs:
@@ -119,9 +147,40 @@ def statistics(
     return {
         "norms": norms,
         "cosines": cosines,
+        "shares": shares,
         "cosine_matrix": matrix,
         "conflict": conflict,
     }
+
+
+def layer_segments(variables, layer_of: Mapping[int, str]) -> tuple[list[str], tf.Tensor]:
+    """The layers that own `variables`, and the [V, L] 0/1 matrix assigning each to its layer.
+
+    Args:
+        variables: the phase's variables, in order.
+        layer_of: `id(variable)` to the name of the layer that owns it.
+
+    Returns:
+        (layer names in order of first appearance, the [V, L] float32 matrix).
+    """
+    names: list[str] = []
+    for v in variables:
+        name = layer_of.get(id(v), "other")
+        if name not in names:
+            names.append(name)
+    rows = [[1.0 if layer_of.get(id(v), "other") == n else 0.0 for n in names] for v in variables]
+    return names, tf.constant(rows, tf.float32)
+
+
+def layer_norms(stacks: Sequence[tf.Tensor], segments: tf.Tensor) -> tf.Tensor:
+    """[T, L] norms of each term's gradient restricted to each layer's variables.
+
+    Args:
+        stacks: V matrices [T, n_v] of per-term gradients (`stack_by_variable`).
+        segments: the [V, L] matrix of `layer_segments`.
+    """
+    squares = tf.stack([tf.reduce_sum(tf.square(s), axis=1) for s in stacks], axis=1)  # [T, V]
+    return tf.sqrt(tf.maximum(tf.matmul(squares, segments), 0.0))
 
 
 class DominanceMonitor:

@@ -140,3 +140,25 @@ def check_balancers(balancer, phases) -> dict[str, balancers_lib.Balancer]:
         seen.add(id(value))
         out[name] = value
     return out
+
+
+def check_phase_steps(phase_steps, phases) -> dict[str, int]:
+    """`phase_steps`: phase name to runs per step (a positive integer); {} when None."""
+    if phase_steps is None:
+        return {}
+    if not isinstance(phase_steps, Mapping):
+        raise ValueError(
+            f"`phase_steps` ({phase_steps!r}) must be a dict of phase name to runs per step, "
+            'e.g. {"critic": 5}.'
+        )
+    unknown = sorted(set(phase_steps) - set(phases))
+    if unknown:
+        raise ValueError(
+            f"`phase_steps` names phases that do not exist: {unknown}; phases: {list(phases)}."
+        )
+    out = {}
+    for name, runs in phase_steps.items():
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs <= 0:
+            raise ValueError(f"`phase_steps[{name!r}]` ({runs!r}) must be a positive integer.")
+        out[name] = runs
+    return out

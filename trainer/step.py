@@ -23,7 +23,7 @@ writes nothing but variables: no files, no Python state a step depends on.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import keras
 import tensorflow as tf
@@ -33,8 +33,11 @@ from termwise.trainer import gradients as gradients_lib
 from termwise.trainer import terms as terms_lib
 from termwise.trainer.options import Phase
 
-GRADIENT_TAGS = ("grad_norm/", "grad_cosine/", "grad_conflict/")
+GRADIENT_TAGS = ("grad_norm/", "grad_cosine/", "grad_share/", "grad_conflict/")
 COSINE_MATRIX = "grad_cosine_matrix"  # a [T, T] output of diagnostic steps, drawn as an image
+LAYER_NORMS = "grad_layer_norms"  # a [T, L] output: each weighted term's gradient norm per layer
+EXAMPLES = "examples"  # per-step logs: the examples the step read
+APPLIED = "applied"  # per-step logs: 1 when the step's updates were applied
 
 
 class StepMixin:
@@ -124,7 +127,8 @@ class StepMixin:
 
         Returns:
             (gradients for `optimizer.apply`, the weights by term name, the balancer's state
-            updates, the diagnostic logs: empty unless `diagnostic`).
+            updates, the balancer's `valid` flags or None, the diagnostic logs: empty unless
+            `diagnostic`).
         """
         names = list(weights)
         replicas = self.strategy.num_replicas_in_sync
@@ -135,25 +139,32 @@ class StepMixin:
             per_term = ctx.all_reduce(tf.distribute.ReduceOp.SUM, per_term)
         stacks = gradients_lib.stack_by_variable(per_term)
         # Scaled losses (mixed precision) scale the gradients; the Gramian is of the true ones.
-        unscale = 1.0
+        scale = 1.0
         if isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer):
-            unscale = 1.0 / tf.square(tf.cast(phase.optimizer.scale_loss(1.0), tf.float32))
+            scale = 1.0 / tf.cast(phase.optimizer.scale_loss(1.0), tf.float32)
         target = self._balancer_targets.get(phase.name)
         gram = None
         if diagnostic or target is None:
-            gram = gradients_lib.gramian(stacks) * unscale
-        coefficients = update = None  # None: 1 for every term
+            gram = gradients_lib.gramian(stacks) * tf.square(scale)
+        coefficients = update = direct = valid = None  # None: 1 for every term
         if balancer is not None and balancer.needs_gradients:
             target_gram = (
-                gram if target is None else gradients_lib.gramian(stacks, target) * unscale
+                gram if target is None else gradients_lib.gramian(stacks, target) * tf.square(scale)
             )
-            weighting = balancer.weights(values, step, target_gram)
+            extra = {"stacks": [s * scale for s in stacks]} if balancer.needs_stacks else {}
+            weighting = balancer.weights(values, step, target_gram, **extra)
             coefficients = update = weighting.weights
             if weighting.mixing is not None:  # gradient surgery: g_i' = sum_k C_ik w_k g_k
                 update = tf.reduce_sum(weighting.mixing, axis=0) * coefficients
+            direct, valid = weighting.update, weighting.valid
             updates = tuple(updates) + tuple(weighting.updates)
             weights = {n: weights[n] * coefficients[i] for i, n in enumerate(names)}
-        if update is None:  # the plain sum: no multiplications
+        if direct is not None:  # the balancer's own update, in the true (unscaled) gradients' units
+            grads = [
+                tf.cast(tf.reshape(d / scale / float(replicas), tf.shape(v)), v.dtype)
+                for d, v in zip(direct, phase.variables, strict=True)
+            ]
+        elif update is None:  # the plain sum: no multiplications
             grads = [tf.add_n(list(g)) for g in zip(*per_term, strict=True)]
             if replicas > 1:
                 grads = [g / float(replicas) for g in grads]
@@ -161,92 +172,152 @@ class StepMixin:
             grads = gradients_lib.combine(stacks, update / float(replicas), phase.variables)
         logs = {}
         if diagnostic:
-            stats = gradients_lib.statistics(gram, coefficients, update)
+            if direct is not None:  # not a combination of the g_i: the products directly
+                flat = [tf.reshape(tf.cast(d, tf.float32), [-1]) for d in direct]
+                products = (
+                    tf.add_n([tf.linalg.matvec(s, d) for s, d in zip(stacks, flat, strict=True)])
+                    * scale
+                )
+                norm2 = tf.add_n([tf.reduce_sum(tf.square(d)) for d in flat])
+                stats = gradients_lib.statistics(
+                    gram, coefficients, products=products, update_norm2=norm2
+                )
+            else:
+                stats = gradients_lib.statistics(gram, coefficients, update)
             for i, name in enumerate(names):
                 logs[f"grad_norm/{name}"] = stats["norms"][i] / replicas
                 logs[f"grad_cosine/{name}"] = stats["cosines"][i] / replicas
+                logs[f"grad_share/{name}"] = stats["shares"][i] / replicas
             logs[f"grad_conflict/{phase.name}"] = stats["conflict"] / replicas
             logs[f"{COSINE_MATRIX}/{phase.name}"] = stats["cosine_matrix"] / replicas
-        return grads, weights, updates, logs
+            segments = self._layer_segments.get(phase.name)
+            if segments is not None:
+                norms = gradients_lib.layer_norms(stacks, segments) * scale
+                w = tf.ones([len(names)]) if coefficients is None else coefficients
+                logs[f"{LAYER_NORMS}/{phase.name}"] = tf.abs(w)[:, None] * norms / replicas
+        return grads, weights, updates, valid, logs
 
-    def _replica_train_step(self, batch, diagnostic: bool = False):
+    def _replica_train_step(self, batches, diagnostic: bool = False):
+        """One training step in replica context: every phase, each run on its own batch.
+
+        Returns:
+            (per-step logs, diagnostic logs). The per-step logs hold `loss/`, `weight/`,
+            `weighted/` of every term, `total/<phase>`, the metrics, `examples` and `applied`
+            (1 when the step's updates were applied); the diagnostic logs are empty unless
+            `diagnostic`, when the last run of every phase takes one backward pass per term.
+        """
         step = self._step.read_value()
-        halted = self._halted.read_value()
-        logs = {}
-        ok_all = tf.logical_not(halted)
-        replica_ctx = tf.distribute.get_replica_context()
+        ok_all = tf.logical_not(self._halted.read_value())
         replicas = self.strategy.num_replicas_in_sync
+        logs, diagnostics = {}, {}
         self._checked_names = []
         for phase in self.phases.values():
-            scale_loss = isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer)
-            balancer = self.balancers.get(phase.name)
-            per_term = diagnostic or (balancer is not None and balancer.needs_gradients)
-            updates, values = (), None
-            with tf.GradientTape(persistent=per_term) as tape:
-                reduced = self._phase_terms(phase, batch, training=True)
-                weights, weighted, total = self._weigh(reduced, step)
-                if balancer is not None:
-                    balancer.build(tuple(reduced))  # built before tracing: checks the names
-                    values = self._global_values(reduced)
-                if balancer is not None and not balancer.needs_gradients:
-                    weighting = balancer.weights(values, step)
-                    weights, weighted, total = self._reweigh(reduced, weights, weighting.weights)
-                    updates = weighting.updates
-                scaled = phase.optimizer.scale_loss if scale_loss else (lambda loss: loss)
-                targets = [scaled(weighted[n]) for n in reduced] if per_term else None
-                target = None if per_term else scaled(total)
-            if per_term:
-                grads, weights, updates, diagnostics = self._per_term_gradients(
-                    phase, tape, targets, weights, values, step, updates, diagnostic
+            runs = self.phase_steps.get(phase.name, 1)
+            per_run = []
+            for run in range(runs):
+                ok_all, run_logs, run_diagnostics = self._phase_update(
+                    phase, batches[run], step, ok_all, diagnostic and run == runs - 1, run
                 )
-                del tape
-                logs.update(diagnostics)
-                if balancer is not None and balancer.needs_gradients:
-                    weighted = {n: weights[n] * reduced[n] for n in reduced}
-                    total = tf.add_n(list(weighted.values()))
-            else:
-                grads = tape.gradient(target, phase.variables)
-            flags = [tf.reduce_all(tf.math.is_finite(v)) for v in reduced.values()]
-            names = [f"{phase.name}/{n}" for n in reduced]
-            if not scale_loss:  # a LossScaleOptimizer handles its own overflowing gradients
-                finite = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
-                flags.append(tf.reduce_all(finite) if finite else tf.constant(True))
-                names.append(f"{phase.name}/<gradient>")
-            flags = tf.cast(tf.stack(flags), tf.int32)
-            if replicas > 1:  # finite on every replica: the sum of the 0/1 flags is R
-                flags = replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, flags)
-                flags = tf.cast(tf.equal(flags, replicas), tf.int32)
-            ok = tf.logical_and(ok_all, tf.reduce_all(flags > 0))
-            self._record_nonfinite(ok_all, flags, step, offset=len(self._checked_names))
-            self._checked_names.extend(names)
-            self._conditional_apply(phase, grads, ok)
-            for variable, value in updates:  # balancer state: only with the update
-                value = tf.cast(value, variable.dtype)
-                variable.assign(tf.where(ok, value, tf.convert_to_tensor(variable)))
-            ok_all = ok
-            for name in reduced:
-                logs[f"loss/{name}"] = reduced[name]
-                logs[f"weight/{name}"] = weights[name] / replicas
-                logs[f"weighted/{name}"] = weighted[name]
-            logs[f"total/{phase.name}"] = total
-            logs.update(self._phase_metrics.pop(phase.name, {}))
+                per_run.append(run_logs)
+                diagnostics.update(run_diagnostics)
+            for key in per_run[0]:  # a repeated phase logs the mean over its runs
+                values = [r[key] for r in per_run]
+                logs[key] = values[0] if runs == 1 else tf.add_n(values) / float(runs)
         self._check_weight_names()
         if self.on_nonfinite == "skip":
             self._skipped.assign_add(tf.cast(tf.logical_not(ok_all), tf.int64))
-        logs["examples"] = tf.cast(data_lib.batch_size_of(batch), tf.float32)
-        return logs
+        used = batches[: max(self.phase_steps.values(), default=1)]
+        logs[EXAMPLES] = tf.cast(tf.add_n([data_lib.batch_size_of(b) for b in used]), tf.float32)
+        logs[APPLIED] = tf.cast(ok_all, tf.float32) / replicas
+        return logs, diagnostics
 
-    def _record_nonfinite(self, ok_before, flags, step, offset: int) -> None:
-        """On the first non-finite term, remembers which and when (for the error message)."""
+    def _phase_update(self, phase: Phase, batch, step, ok_before, diagnostic: bool, run: int):
+        """One run of one phase: its terms, their gradients, the checks, the update.
+
+        Returns:
+            (whether every update so far in this step was applied, the run's logs, its
+            diagnostic logs).
+        """
+        replicas = self.strategy.num_replicas_in_sync
+        scale_loss = isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer)
+        balancer = self.balancers.get(phase.name)
+        per_term = diagnostic or (balancer is not None and balancer.needs_gradients)
+        updates, values, valid, diagnostics = (), None, None, {}
+        with tf.GradientTape(persistent=per_term) as tape:
+            reduced = self._phase_terms(phase, batch, training=True)
+            weights, weighted, total = self._weigh(reduced, step)
+            if balancer is not None:
+                balancer.build(tuple(reduced), shapes=[v.shape for v in phase.variables])
+                values = self._global_values(reduced)
+            if balancer is not None and not balancer.needs_gradients:
+                weighting = balancer.weights(values, step)
+                weights, weighted, total = self._reweigh(reduced, weights, weighting.weights)
+                updates, valid = weighting.updates, weighting.valid
+            scaled = phase.optimizer.scale_loss if scale_loss else (lambda loss: loss)
+            targets = [scaled(weighted[n]) for n in reduced] if per_term else None
+            target = None if per_term else scaled(total)
+        if per_term:
+            grads, weights, updates, gradient_valid, diagnostics = self._per_term_gradients(
+                phase, tape, targets, weights, values, step, updates, diagnostic
+            )
+            del tape
+            valid = gradient_valid if valid is None else valid
+            if balancer is not None and balancer.needs_gradients:
+                weighted = {n: weights[n] * reduced[n] for n in reduced}
+                total = tf.add_n(list(weighted.values()))
+        else:
+            grads = tape.gradient(target, phase.variables)
+        ok = tf.logical_and(ok_before, self._check(phase, reduced, weights, grads, valid, run))
+        self._conditional_apply(phase, grads, ok)
+        for variable, value in updates:  # balancer state: only with the update
+            value = tf.cast(value, variable.dtype)
+            variable.assign(tf.where(ok, value, tf.convert_to_tensor(variable)))
+        logs = {}
+        for name in reduced:
+            logs[f"loss/{name}"] = reduced[name]
+            logs[f"weight/{name}"] = weights[name] / replicas
+            logs[f"weighted/{name}"] = weighted[name]
+        logs[f"total/{phase.name}"] = total
+        logs.update(self._phase_metrics.pop(phase.name, {}))
+        return ok, logs, diagnostics
+
+    def _check(self, phase: Phase, reduced, weights, grads, valid, run: int) -> tf.Tensor:
+        """Whether this run's terms, weights, balancer preconditions and gradient are all sound.
+
+        On the first failure of a run (with `on_nonfinite="raise"`) it records what failed and
+        when, for `NonFiniteLossError`'s message (`_checked_names` holds what each flag is).
+        """
+        replicas = self.strategy.num_replicas_in_sync
+        checks = [(("term", n), tf.reduce_all(tf.math.is_finite(v))) for n, v in reduced.items()]
+        checks += [(("weight", n), tf.reduce_all(tf.math.is_finite(w))) for n, w in weights.items()]
+        if valid is not None:
+            checks += [(("balancer", n), valid[i]) for i, n in enumerate(reduced)]
+        # A LossScaleOptimizer handles its own overflowing gradients.
+        if not isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer):
+            finite = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+            checks.append((("gradient", None), tf.reduce_all(finite) if finite else True))
+        flags = tf.cast(tf.stack([tf.convert_to_tensor(c) for _, c in checks]), tf.int32)
+        if replicas > 1:  # sound on every replica: the sum of the 0/1 flags is R
+            flags = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, flags
+            )
+            flags = tf.cast(tf.equal(flags, replicas), tf.int32)
+        offset = len(self._checked_names)
+        self._checked_names.extend((phase.name, run, kind, name) for (kind, name), _ in checks)
+        self._record_nonfinite(flags, offset)
+        return tf.reduce_all(flags > 0)
+
+    def _record_nonfinite(self, flags, offset: int) -> None:
+        """On the first failed check, remembers which and when (for the error message)."""
         if self.on_nonfinite != "raise":
             return
-        bad = tf.logical_and(ok_before, tf.logical_not(tf.reduce_all(flags > 0)))
+        bad = tf.logical_and(tf.logical_not(self._halted), tf.logical_not(tf.reduce_all(flags > 0)))
         # Unconditional assignments: under MirroredStrategy an assignment inside a `tf.cond` in
         # replica context is a merge_call, which is not allowed there. `flags` is all-reduced,
         # so every replica writes the same values.
         first = tf.cast(tf.argmin(flags), tf.int32) + offset
         self._nonfinite_index.assign(tf.where(bad, first, self._nonfinite_index))
-        self._nonfinite_step.assign(tf.where(bad, step + 1, self._nonfinite_step))
+        self._nonfinite_step.assign(tf.where(bad, self._step + 1, self._nonfinite_step))
         self._halted.assign(tf.logical_or(self._halted, bad))
 
     def _conditional_apply(self, phase: Phase, grads, ok) -> None:
@@ -276,7 +347,6 @@ class StepMixin:
 
     def _replica_eval_step(self, batch):
         step = self._step.read_value()
-        replicas = self.strategy.num_replicas_in_sync
         logs = {}
         for phase in self.phases.values():
             reduced = self._phase_terms(phase, batch, training=False)
@@ -285,53 +355,67 @@ class StepMixin:
             key = "total" if len(self.phases) == 1 else f"total/{phase.name}"
             logs[key] = total
             logs.update(self._phase_metrics.pop(phase.name, {}))
-        del replicas
-        logs["examples"] = tf.cast(data_lib.batch_size_of(batch), tf.float32)
+        logs[EXAMPLES] = tf.cast(data_lib.batch_size_of(batch), tf.float32)
         return logs
 
-    def _compile_step(self, replica_fn, reductions: Callable[[str], tf.distribute.ReduceOp]):
+    def _compile_step(self, replica_fn):
+        """`replica_fn` over the strategy's replicas, its outputs summed across them.
+
+        Under the default strategy it is `replica_fn` itself, inlined into the calling
+        function's graph: no `strategy.run`/`reduce` wrapping and no nested function call per
+        step. With `jit_compile` the step is its own XLA-compiled function.
+        """
         strategy = self.strategy
+        if self._distributed:
 
-        def step(batch):
-            per_replica = strategy.run(replica_fn, args=(batch,))
-            return {k: strategy.reduce(reductions(k), v, axis=None) for k, v in per_replica.items()}
+            def step(batch):
+                per_replica = strategy.run(replica_fn, args=(batch,))
+                return tf.nest.map_structure(
+                    lambda v: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None),
+                    per_replica,
+                )
 
-        return tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+        else:
+            step = replica_fn
+        if self.jit_compile:
+            return tf.function(step, jit_compile=True, reduce_retracing=True)
+        return step
+
+    def _next_batches(self, iterator) -> tuple:
+        """The batches of one step: one per run of the phase that runs most (see `phase_steps`)."""
+        return tuple(next(iterator) for _ in range(max(self.phase_steps.values(), default=1)))
 
     def _make_train_function(self, diagnostic: bool = False):
-        """Runs `num_steps` steps; with `diagnostic`, the last one takes per-term gradients.
+        """A compiled call that runs up to `num_steps` steps.
+
+        Each step adds its logs to the window (`self._window`, whose means the host logs). The
+        call ends early when training halts (a non-finite term with `on_nonfinite="raise"`) or
+        when a stop is requested (`self._stop`: a signal). With `diagnostic`, the call's last
+        step takes per-term gradients and the call returns that step's diagnostic logs.
 
         The host loop calls the diagnostic function for the compiled call that ends on a
         multiple of `grad_log_every`, so a plain step never pays for diagnostics and no
         `tf.cond` has to choose between an update from one or from T backward passes.
         """
-        if self._step_functions is None:
-            sums = lambda key: tf.distribute.ReduceOp.SUM  # noqa: E731
-            plain = self._compile_step(self._replica_train_step, sums)
-            diagnose = self._compile_step(
-                functools.partial(self._replica_train_step, diagnostic=True), sums
-            )
-            self._step_functions = plain, diagnose
-        step_fn, last_fn = self._step_functions
-        if not diagnostic:
-            last_fn = step_fn
-        step_var, halted = self._step, self._halted
+        plain = self._compile_step(self._replica_train_step)
+        diagnose = self._compile_step(functools.partial(self._replica_train_step, diagnostic=True))
+        step_var, halted, stop, window = self._step, self._halted, self._stop, self._window
 
         def one(fn, iterator):
-            logs = fn(next(iterator))
+            logs, diagnostics = fn(self._next_batches(iterator))
             step_var.assign_add(tf.cast(tf.logical_not(halted), tf.int64))
-            return logs
+            window.add(logs)
+            return diagnostics
 
         @tf.function
         def train_function(iterator, num_steps):
-            if diagnostic:
-                for _ in tf.range(num_steps - 1):
-                    one(step_fn, iterator)
-                return one(last_fn, iterator), halted.read_value()
-            logs = one(step_fn, iterator)
-            for _ in tf.range(num_steps - 1):
-                logs = one(step_fn, iterator)
-            return logs, halted.read_value()
+            plain_steps = num_steps - 1 if diagnostic else num_steps
+            for _ in tf.range(plain_steps):
+                if halted or stop:
+                    break
+                one(plain, iterator)
+            out = one(diagnose, iterator) if diagnostic else {}
+            return {**out, "step": step_var.read_value(), "halted": halted.read_value()}
 
         return train_function
 
@@ -344,19 +428,19 @@ class StepMixin:
         """
         cached = self._calls.get(diagnostic)
         if cached is None or cached[0] is not iterator:
-            function = self._diagnostic_function if diagnostic else self._train_function
+            if diagnostic not in self._train_functions:
+                self._train_functions[diagnostic] = self._make_train_function(diagnostic)
+            function = self._train_functions[diagnostic]
             concrete = function.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
             self._calls[diagnostic] = cached = (iterator, concrete)
         return cached[1]
 
     def _make_eval_function(self):
-        step_fn = self._compile_step(
-            self._replica_eval_step, lambda key: tf.distribute.ReduceOp.SUM
-        )
+        step_fn = self._compile_step(self._replica_eval_step)
 
         def weighted(logs):
-            n = logs["examples"]
-            return {k: (v if k == "examples" else v * n) for k, v in logs.items()}
+            n = logs[EXAMPLES]
+            return {k: (v if k == EXAMPLES else v * n) for k, v in logs.items()}
 
         @tf.function
         def eval_function(iterator, num_steps):
@@ -367,3 +451,83 @@ class StepMixin:
             return sums
 
         return eval_function
+
+
+class Window(tf.Module):
+    """The sums of the per-step logs since the last logged step (and since the epoch began).
+
+    `add(logs)` (inside the compiled call) adds a step's values where the step was applied and
+    keeps the step's values as `last`; the host reads the means and resets at each logged step
+    (`means`, `reset`) and at each epoch's end (`epoch_means`, `reset_epoch`: Keras's running
+    means for callbacks). The variables are created on the first trace (the keys are known
+    then) and are part of the checkpoint, so a resume between two logged steps continues the
+    same means.
+    """
+
+    def __init__(self):
+        super().__init__(name="window")
+        self.keys: tuple[str, ...] | None = None
+        self.sums = None
+        self.count = None
+        self.epoch_sums = None
+        self.epoch_count = None
+        self.last = None
+
+    def add(self, logs: Mapping[str, tf.Tensor]) -> None:
+        keys = tuple(k for k in logs if k != APPLIED)
+        if self.keys is None:
+            with tf.init_scope():
+                self.keys = keys
+                self.sums = tf.Variable(tf.zeros([len(keys)], tf.float64), trainable=False)
+                self.count = tf.Variable(tf.zeros([], tf.float64), trainable=False)
+                self.epoch_sums = tf.Variable(tf.zeros([len(keys)], tf.float64), trainable=False)
+                self.epoch_count = tf.Variable(tf.zeros([], tf.float64), trainable=False)
+                self.last = tf.Variable(tf.zeros([len(keys)], tf.float32), trainable=False)
+        elif keys != self.keys:
+            raise ValueError(f"The step's logs changed from {list(self.keys)} to {list(keys)}.")
+        values = tf.stack([tf.cast(logs[k], tf.float32) for k in keys])
+        applied = tf.cast(logs[APPLIED], tf.float64)
+        kept = tf.where(applied > 0, tf.cast(values, tf.float64), 0.0)
+        self.sums.assign_add(kept)
+        self.count.assign_add(applied)
+        self.epoch_sums.assign_add(kept)
+        self.epoch_count.assign_add(applied)
+        self.last.assign(values)
+
+    @property
+    def ready(self) -> bool:
+        return self.keys is not None
+
+    def means(self) -> dict[str, float]:
+        """The means since the last reset, `examples` (per step) included; {} when none ran."""
+        return self._means(self.sums, self.count)
+
+    def epoch_means(self) -> dict[str, float]:
+        """The means since the epoch began (the last `reset_epoch`), without `examples`."""
+        means = self._means(self.epoch_sums, self.epoch_count)
+        means.pop(EXAMPLES, None)
+        return means
+
+    def _means(self, sums, count) -> dict[str, float]:
+        if self.keys is None:
+            return {}
+        count = float(count.numpy())
+        if count <= 0:
+            return {}
+        values = sums.numpy() / count
+        return {k: float(v) for k, v in zip(self.keys, values, strict=True)}
+
+    def last_values(self) -> dict[str, float]:
+        if self.keys is None:
+            return {}
+        return {k: float(v) for k, v in zip(self.keys, self.last.numpy(), strict=True)}
+
+    def reset(self) -> None:
+        if self.keys is not None:
+            self.sums.assign(tf.zeros_like(self.sums))
+            self.count.assign(0.0)
+
+    def reset_epoch(self) -> None:
+        if self.keys is not None:
+            self.epoch_sums.assign(tf.zeros_like(self.epoch_sums))
+            self.epoch_count.assign(0.0)

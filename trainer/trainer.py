@@ -11,25 +11,40 @@ and stops exactly at the next logging, diagnostic, checkpoint or validation step
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from termwise.trainer import actions, validation
 from termwise.trainer import data as data_lib
 from termwise.trainer import gradients as gradients_lib
 from termwise.trainer import options as options_lib
+from termwise.trainer import preemption as preemption_lib
 from termwise.trainer import terms as terms_lib
-from termwise.trainer import validation
+from termwise.trainer.callbacks import History, KerasCallbacks
 from termwise.trainer.checkpoints import Checkpoints
+from termwise.trainer.errors import NonFiniteLossError, clean_errors
+from termwise.trainer.loop import CallSizer, Controller
 from termwise.trainer.options import ON_NONFINITE, BalancerArg, Weight
-from termwise.trainer.progress import Progress
-from termwise.trainer.step import COSINE_MATRIX, GRADIENT_TAGS, StepMixin
+from termwise.trainer.step import StepMixin, Window
 from termwise.trainer.summaries import SummaryWriter
+
+
+def _layer_of_variables(models) -> dict[int, str]:
+    """`id(variable)` to the name of the innermost layer (not a model) that holds it."""
+    owner: dict[int, str] = {}
+    for model in models:
+        for layer in model._flatten_layers(include_self=True, recursive=True):
+            if isinstance(layer, keras.Model) and layer is not model:
+                continue
+            for variable in layer.trainable_variables:
+                owner[id(variable)] = layer.name  # deeper layers come later and win
+    return owner
 
 
 def _seed_states(models) -> list:
@@ -49,8 +64,24 @@ def _seed_states(models) -> list:
     return states
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss term (or a phase's gradient) became NaN or Inf; no update from it was applied."""
+# Stateful TensorFlow random ops: their state lives in the op, not in any variable, so no
+# checkpoint holds it (Keras's own random functions are stateless ops fed by a SeedGenerator).
+_STATEFUL_RANDOM_OPS = frozenset(
+    {
+        "RandomStandardNormal",
+        "RandomUniform",
+        "RandomUniformInt",
+        "TruncatedNormal",
+        "ParameterizedTruncatedNormal",
+        "RandomShuffle",
+        "Multinomial",
+        "RandomGamma",
+        "RandomPoisson",
+        "RandomPoissonV2",
+    }
+)
+
+__all__ = ["NonFiniteLossError", "Trainer"]
 
 
 class Trainer(StepMixin):
@@ -108,10 +139,11 @@ class Trainer(StepMixin):
         checkpoint_data: save the training data iterator's position with each checkpoint.
         strategy: a `tf.distribute.Strategy`; models and optimizers must be created in its
             scope. None: the current (default) strategy.
-        steps_per_execution: at most this many steps per compiled call. A call always stops
-            at the next logging, diagnostic, validation or checkpoint step, so this changes
-            speed, not what is logged or saved; on a small model the Python round trip per call
-            costs as much as a step (scripts/benchmark.py).
+        steps_per_execution: at most this many steps per compiled call, or "auto": calls grow
+            (1, 2, 4, ... steps) while each takes under 0.2 s. A call always stops at the next
+            logging, diagnostic, validation, epoch or checkpoint step, so this changes speed,
+            not what is logged or saved; on a small model the Python round trip per call costs
+            as much as a step (scripts/benchmark.py).
         jit_compile: compile the step with XLA.
         on_nonfinite: "raise" stops with `NonFiniteLossError` naming the term and the step, and
             that step's update is not applied; "skip" drops such steps and counts them
@@ -119,6 +151,21 @@ class Trainer(StepMixin):
         progress: show a progress bar (True), write absl log lines (False), or decide from
             whether standard output is a terminal (None).
         hparams: extra hyperparameters to record for TensorBoard's hparams plugin.
+        phase_steps: runs per step of a phase, e.g. `{"critic": 5}` for WGAN-GP's critic
+            (Gulrajani et al. 2017): each run of a phase is a full update on its own batch.
+            A step reads as many batches as its most repeated phase runs; run r of a phase uses
+            batch r, so a phase that runs once uses the step's first batch. Its optimizer
+            advances once per run; its logged values are the mean over its runs.
+        seed: the seed of `seed_generator`, the Trainer's checkpointed source of randomness for
+            `compute_terms` (None: drawn from Keras's global seed, `keras.utils.set_random_seed`).
+
+    Random numbers in `compute_terms`: draw them with Keras's random functions from
+    `self.seed_generator` (`keras.random.normal(shape, seed=self.seed_generator)`), or from a
+    layer's own `keras.random.SeedGenerator`: their states are checkpointed, so a resumed run
+    draws what an uninterrupted one would. TensorFlow's stateful ops (`tf.random.normal`, ...)
+    keep their state in the op, where no checkpoint reaches it; the Trainer warns once when the
+    step uses them. Nothing outside the training steps (`build`, `evaluate`, validation)
+    advances the run's random state.
 
     Raises:
         ValueError: on any invalid option, naming it, its value and what is allowed.
@@ -146,6 +193,8 @@ class Trainer(StepMixin):
         on_nonfinite: str = "raise",
         progress: bool | None = None,
         hparams: Mapping[str, object] | None = None,
+        phase_steps: Mapping[str, int] | None = None,
+        seed: int | None = None,
     ):
         self.model = model
         self._models = options_lib.check_models(model)
@@ -186,9 +235,12 @@ class Trainer(StepMixin):
         self.strategy = strategy or tf.distribute.get_strategy()
         # The default strategy needs no distributed datasets nor cross-replica branching.
         self._distributed = type(self.strategy).__name__ != "_DefaultDistributionStrategy"
-        self.steps_per_execution = validation.positive_int(
-            "steps_per_execution", steps_per_execution
-        )
+        if steps_per_execution != "auto":
+            validation.positive_int("steps_per_execution", steps_per_execution)
+        self.steps_per_execution = steps_per_execution
+        self.phase_steps = options_lib.check_phase_steps(phase_steps, self.phases)
+        if seed is not None:
+            validation.non_negative_int("seed", seed)
         self.jit_compile = validation.boolean("jit_compile", jit_compile)
         self.on_nonfinite = validation.one_of("on_nonfinite", on_nonfinite, ON_NONFINITE)
         if progress is not None:
@@ -216,16 +268,23 @@ class Trainer(StepMixin):
             self._halted = self._counter("halted", tf.bool)
             self._nonfinite_step = self._counter("nonfinite_step", tf.int64)
             self._nonfinite_index = self._counter("nonfinite_index", tf.int32)
+            self._stop = self._counter("stop_requested", tf.bool)  # set by a signal; not saved
+            self.seed_generator = keras.random.SeedGenerator(seed, name="trainer_seed")
+        self._window = Window()
         self.term_names: dict[str, tuple[str, ...]] = {}
         self._metrics: dict[str, tf.Tensor] = {}  # add_metric values of the current trace
         self._phase_metrics: dict[str, dict[str, tf.Tensor]] = {}
-        self._checked_names: list[str] = []
+        self._checked_names: list[tuple] = []
+        self._layer_segments: dict[str, tf.Tensor] = {}
+        self._layer_names: dict[str, list[str]] = {}
         self._checkpoints = None
         if checkpoint_dir:
             trackables = {"step": self._step, "nonfinite_skipped": self._skipped}
             trackables.update({f"model_{k}": m for k, m in self._models.items()})
             trackables.update({f"optimizer_{p.name}": p.optimizer for p in self.phases.values()})
             trackables.update({f"balancer_{k}": b for k, b in self.balancers.items()})
+            trackables["trainer_seed"] = self.seed_generator.state
+            trackables["window"] = self._window
             seed_states = _seed_states(self._models.values())
             if seed_states:
                 trackables["seed_states"] = seed_states
@@ -242,11 +301,12 @@ class Trainer(StepMixin):
         self._restored_from = None
         self._train_dataset = None
         self._train_iterator = None
-        self._train_function = None
-        self._diagnostic_function = None
+        self._train_functions: dict[bool, object] = {}  # diagnostic -> tf.function
         self._calls: dict[bool, tuple] = {}  # diagnostic -> (iterator, concrete function)
-        self._step_functions = None
         self._eval_function = None
+        self._call_thread = preemption_lib.CallThread()
+        self._random_warning_given = False
+        self._raw_weights: dict[str, list] = {}  # use_ema: the raw values while averages show
         self._last_logs: dict[str, float] = {}
         if all(m.built for m in self._models.values()):
             self._prepare_state(None)
@@ -275,10 +335,20 @@ class Trainer(StepMixin):
     def phase_variables(self, phase: str) -> list:
         """The variables a phase updates.
 
-        Default: the trainable variables of `model[phase]` when `model` is a dict with that key,
-        else all trainable variables of all models.
+        Default: with one model, all its trainable variables; with a dict of models, the
+        trainable variables of `model[phase]`. Override it for any other split.
+
+        Raises:
+            ValueError: with a dict of models, for a phase that names none of them (which would
+                otherwise train every model).
         """
-        if phase in self._models and len(self._models) > 1:
+        if len(self._models) > 1:
+            if phase not in self._models:
+                raise ValueError(
+                    f"Phase {phase!r} names no model: the phases are {list(self.phases)} and the "
+                    f"models {sorted(self._models)}. Name each phase (a key of `optimizer`) after "
+                    "the model it trains, or override phase_variables."
+                )
             return list(self._models[phase].trainable_variables)
         seen, variables = set(), []
         for model in self._models.values():
@@ -377,7 +447,7 @@ class Trainer(StepMixin):
             if dataset is None:
                 return
             batch = next(iter(dataset))
-            with self.strategy.scope(), terms_lib.LossRecorder():
+            with self.strategy.scope(), terms_lib.LossRecorder(), self._random_state_kept():
                 for phase in self.phases.values():
                     if self._terms_take_phase:
                         self.compute_terms(batch, False, phase=phase.name)
@@ -392,7 +462,27 @@ class Trainer(StepMixin):
                     phase.optimizer.build(phase.variables)
         if self._checkpoints is not None:
             self._restored_from = self._checkpoints.restore()
+        self._layer_segments.clear()
+        layer_of = _layer_of_variables(self._models.values())
+        for phase in self.phases.values():
+            names, segments = gradients_lib.layer_segments(phase.variables, layer_of)
+            self._layer_names[phase.name], self._layer_segments[phase.name] = names, segments
         self._state_ready = True
+
+    def _random_states(self) -> list:
+        """The variables of every random stream the run draws from (the seed generators)."""
+        return [self.seed_generator.state, *_seed_states(self._models.values())]
+
+    @contextlib.contextmanager
+    def _random_state_kept(self):
+        """Leaves the run's random state as it was (an eager pass outside the steps draws)."""
+        states = self._random_states()
+        saved = [tf.identity(v) for v in states]
+        try:
+            yield
+        finally:
+            for variable, value in zip(states, saved, strict=True):
+                variable.assign(value)
 
     def build(self, data, *, batch_size: int = 32) -> dict[str, tuple[str, ...]]:
         """Builds models and optimizers, restores the latest checkpoint, and checks the terms.
@@ -416,18 +506,26 @@ class Trainer(StepMixin):
         """
         validation.positive_int("batch_size", batch_size)
         dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=False)
-        self._prepare_state(dataset)
-        batch = next(iter(dataset))
-        for phase in self.phases.values():
-            self._named_terms(phase, batch, training=False)
-        self._check_weight_names()
-        self._build_balancers(dataset)  # a bad target layer fails here, before training
+        with clean_errors(), self._random_state_kept():
+            self._prepare_state(dataset)
+            batch = data_lib.first_batch(dataset, "data")
+            for phase in self.phases.values():
+                self._named_terms(phase, batch, training=False)
+            self._check_weight_names()
+            self._build_balancers(dataset)  # a bad target layer fails here, before training
         return dict(self.term_names)
 
     def _train_iterator_for(self, dataset: tf.data.Dataset):
         if dataset is self._train_dataset:
             return self._train_iterator
-        repeated = dataset.repeat()
+        if data_lib.is_python_fed(dataset) and self.checkpoint_data and self._checkpoints:
+            logging.warning(
+                "The training data is read through Python (a PyDataset or a generator), so "
+                "checkpoints cannot hold its position: they are saved without it, and a resumed "
+                "run starts the data from its beginning."
+            )
+            self.checkpoint_data = False
+        repeated = dataset if data_lib.is_read_once(dataset) else dataset.repeat()
         with self.strategy.scope():
             iterator = self._distribute(repeated)
         if self._restored_from and self.checkpoint_data and self._train_iterator is None:
@@ -456,13 +554,15 @@ class Trainer(StepMixin):
         validation_data=None,
         validation_every: int | None = None,
         batch_size: int = 32,
-    ) -> dict[str, float]:
+        callbacks: Sequence[keras.callbacks.Callback] | None = None,
+    ) -> History:
         """Trains for `steps` more steps (or `epochs` passes, or until a global step).
 
         Args:
-            data: a `tf.data.Dataset` of batches, or arrays (`(x, y[, sample_weight])`) to batch
-                and reshuffle every pass. It is repeated as needed; the same dataset object
-                passed again continues where the last `fit` stopped.
+            data: a `tf.data.Dataset` of batches, arrays (`(x, y[, sample_weight])`) to batch
+                and reshuffle every pass, a `keras.utils.PyDataset`, or a Python generator of
+                batches (read once; its first batch gives the structure). It is repeated as
+                needed; the same object passed again continues where the last `fit` stopped.
             steps: how many more steps to run.
             epochs: how many passes over `data` to run (its length must be known).
             until_step: run until the global step reaches this; rerunning the same command
@@ -473,27 +573,48 @@ class Trainer(StepMixin):
             validation_every: steps between evaluations (default: one pass over `data` when
                 its length is known, else only at the end).
             batch_size: the batch size for arrays.
+            callbacks: Keras callbacks (`EarlyStopping`, `ReduceLROnPlateau`,
+                `ModelCheckpoint`, ...), driven as `keras.Model.fit` drives them; see
+                `termwise.trainer.callbacks` for the epochs and the keys they can monitor.
 
         Returns:
-            The last step's logs as floats: `loss/<term>`, `weight/<term>`, `weighted/<term>`,
-            `total/<phase>`, `optimizer/<phase>/learning_rate`, `perf/...`, after a
-            validation `eval/<term>`, and when the last step was a diagnostic step (a multiple
-            of `grad_log_every`) `grad_norm/<term>`, `grad_cosine/<term>` and
-            `grad_conflict/<phase>`.
+            A `keras.callbacks.History` (`termwise.trainer.callbacks.History`) whose `history`
+            holds every logged value at every logged step, `steps` those steps, and `last` the
+            latest value of each: `loss/<term>`, `weight/<term>`, `weighted/<term>`,
+            `share/<term>`, `total/<phase>`, the metrics, `optimizer/<phase>/learning_rate`,
+            `perf/...`, `eval/...`, and on diagnostic steps (multiples of `grad_log_every`)
+            `grad_norm/<term>`, `grad_cosine/<term>`, `grad_share/<term>` and
+            `grad_conflict/<phase>`. Term values are means over the steps since the previous
+            logged step, as Keras reports running means; weights too.
 
         Raises:
             ValueError: on bad arguments or term names, before any update.
             NonFiniteLossError: with `on_nonfinite="raise"`, when a term becomes NaN or Inf.
         """
         validation.positive_int("batch_size", batch_size)
-        dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=True)
         if sum(x is not None for x in (steps, epochs, until_step)) > 1:
             raise ValueError(
                 f"Give one of `steps` ({steps!r}), `epochs` ({epochs!r}) and `until_step` "
                 f"({until_step!r}), not several."
             )
+        callbacks = list(callbacks or [])
+        for callback in callbacks:
+            if not isinstance(callback, keras.callbacks.Callback):
+                raise ValueError(
+                    f"`callbacks` holds {callback!r}, which is not a keras.callbacks.Callback."
+                )
+        dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=True)
         per_pass = data_lib.batches_per_pass(dataset)
-        self._prepare_state(dataset)
+        if per_pass is not None:
+            if per_pass == 0:
+                raise ValueError(
+                    "`data` holds no batch (an empty dataset, or fewer examples than one batch "
+                    "with drop_remainder): nothing to train on."
+                )
+            per_pass = max(per_pass // self._batches_per_step, 1)
+        with clean_errors():
+            self._prepare_state(dataset)
+        self._restore_raw_weights()
         if until_step is not None:
             steps = max(0, validation.non_negative_int("until_step", until_step) - self.step)
         elif epochs is not None:
@@ -516,85 +637,148 @@ class Trainer(StepMixin):
             validation_every = per_pass or 0
         else:
             validation.positive_int("validation_every", validation_every)
-        if validation_data is None:
-            validation_every = 0
+        history = History()
         if steps == 0:
-            return dict(self._last_logs)
+            history.record(self.step, self._last_logs)
+            return history
+        if bool(self._halted.numpy()):  # a NonFiniteLossError stopped the last fit: go on
+            self._halted.assign(False)
 
-        self._build_balancers(dataset)
-        iterator = self._train_iterator_for(dataset)
-        if self._train_function is None:
-            self._train_function = self._make_train_function()
+        with clean_errors():
+            self._build_balancers(dataset)
+            iterator = self._train_iterator_for(dataset)
+            self._concrete(iterator, diagnostic=False)  # traces: term and weights checks here
+        self._warn_stateful_random()
         self._write_hparams()
         start = self.step
-        end = start + steps
-        progress = Progress(end, start, interactive=self.progress)
-        cadences = [
-            c
-            for c in (self.log_every, self.checkpoint_every, validation_every, self.grad_log_every)
-            if c
+        steps_per_epoch = per_pass or (validation_every if validation_data is not None else None)
+        guard = preemption_lib.SignalGuard(self._request_stop, self._signals())
+        actions_list = [
+            actions.Diagnose(self, self.grad_log_every, history),
+            actions.LogScalars(self, self.log_every, history),
         ]
-        host_step = start
-        last_time, last_step = time.perf_counter(), start
-        logs = {}
-        while host_step < end:
-            stop = min([end] + [(host_step // c + 1) * c for c in cadences])
-            count = min(self.steps_per_execution, stop - host_step)
-            diagnose = bool(self.grad_log_every) and (host_step + count) % self.grad_log_every == 0
-            if diagnose and self._diagnostic_function is None:
-                self._diagnostic_function = self._make_train_function(diagnostic=True)
-            function = self._concrete(iterator, diagnose)
-            outputs, halted = function(iterator, tf.constant(count, tf.int32))
-            if self.on_nonfinite == "raise" and bool(halted):
-                self._raise_nonfinite()
-            host_step += count
-            final = host_step == end
-            log_now = final or (self.log_every and host_step % self.log_every == 0)
-            outputs = dict(outputs)
-            matrices = {k: outputs.pop(k) for k in list(outputs) if k.startswith(COSINE_MATRIX)}
-            if diagnose:
-                self._write_diagnostics(host_step, outputs, matrices, also_scalars=not log_now)
-            if log_now or progress.due():
-                logs = self._host_logs(outputs)
-            if log_now:
-                now = time.perf_counter()
-                rate = (host_step - last_step) / max(now - last_time, 1e-9)
-                logs["perf/steps_per_sec"] = rate
-                logs["perf/examples_per_sec"] = rate * logs.pop("examples", 0.0)
-                if self.on_nonfinite == "skip":
-                    logs["nonfinite/skipped"] = float(self.skipped_steps)
-                self._write(host_step, logs)
-                last_time, last_step = now, host_step
-            if validation_every and (final or host_step % validation_every == 0):
-                results = self.evaluate(validation_data, batch_size=batch_size)
-                logs.update({f"eval/{k}": v for k, v in results.items()})
-            if self._checkpoints is not None and (
-                final or (self.checkpoint_every and host_step % self.checkpoint_every == 0)
-            ):
-                self.save()
-            if final or (progress.due() if progress.interactive else log_now):
-                progress.update(host_step, logs, final=final)
-        logs.pop("examples", None)
-        self._last_logs = logs
+        if validation_data is not None:
+            actions_list.append(actions.Validate(self, validation_every, validation_data, history))
+        actions_list.append(KerasCallbacks(self, callbacks, steps_per_epoch, history))
+        if self._checkpoints is not None:
+            actions_list.append(actions.SaveCheckpoints(self, self.checkpoint_every))
+        actions_list.append(actions.ShowProgress(self.log_every, self.progress))
+        actions_list.append(preemption_lib.Interrupt(guard, self._report_interrupt))
+        calls = None if self.steps_per_execution == "auto" else self.steps_per_execution
+        if self._multi_worker:
+            calls = calls or 100  # every worker must run the same calls (see ClusterPreemption)
+            if self._checkpoints is not None:
+                actions_list.append(self._cluster_preemption())
+        controller = Controller(
+            lambda count, diagnostic: self._run_call(iterator, count, diagnostic, guard),
+            actions_list,
+            start=start,
+            end=start + steps,
+            sizer=CallSizer(calls),
+            diagnostic_every=self.grad_log_every,
+        )
+        self._stop.assign(False)
+        try:
+            with guard, clean_errors():
+                state = controller.run()
+        finally:
+            self._stop.assign(False)
+            if self._writer is not None:
+                self._writer.flush()
+        self._last_logs = dict(state.logs)
+        return history
+
+    @property
+    def _batches_per_step(self) -> int:
+        return max(self.phase_steps.values(), default=1)
+
+    def _run_call(self, iterator, count: int, diagnostic: bool, guard) -> dict:
+        """One compiled call of up to `count` steps; raises if a term became non-finite."""
+        function = self._concrete(iterator, diagnostic)
+        steps = tf.constant(count, tf.int32)
+        try:
+            if guard.active:  # in a worker thread, so that a signal is handled at once
+                outputs = self._call_thread(lambda: function(iterator, steps))
+            else:
+                outputs = function(iterator, steps)
+        except tf.errors.OutOfRangeError:  # a generator's data ran out
+            logging.warning("The training data ran out at step %d: fit stops there.", self.step)
+            return {"step": self.step, "halted": False, "stop": "the data ran out"}
+        if self.on_nonfinite == "raise" and bool(outputs["halted"]):
+            self._raise_nonfinite()
+        return outputs
+
+    @property
+    def _multi_worker(self) -> bool:
+        return isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+    def _signals(self) -> tuple:
+        """The signals `fit` handles itself: SIGTERM and SIGINT (not SIGTERM under MWMS)."""
+        import signal
+
+        if self._multi_worker:
+            return (signal.SIGINT,)
+        return (signal.SIGTERM, signal.SIGINT)
+
+    def _cluster_preemption(self):
+        """The MWMS preemption action (one per Trainer: it installs TensorFlow's handler)."""
+        if getattr(self, "_cluster_handler", None) is None:
+            self._cluster_handler = preemption_lib.ClusterPreemption(
+                self.strategy, self.save, self._report_interrupt
+            )
+        return self._cluster_handler
+
+    def _request_stop(self, signum: int) -> None:
+        """A signal arrived: the call in flight ends after the step it is in."""
+        del signum
+        self._stop.assign(True)
+
+    def _report_interrupt(self, signum: int, step: int) -> None:
+        """Before exiting on a signal: flush, and say where the run stopped and how to resume."""
+        import signal
+        import sys
+
         if self._writer is not None:
             self._writer.flush()
-        return dict(logs)
+        where = (
+            f"checkpoint saved in {self.checkpoint_dir}; rerun the same command to resume"
+            if self._checkpoints is not None
+            else "no checkpoint_dir, so nothing was saved"
+        )
+        print(
+            f"{signal.Signals(signum).name} at step {step}: {where}.", file=sys.stderr, flush=True
+        )
 
-    def _write_diagnostics(self, step: int, outputs, matrices, *, also_scalars: bool) -> None:
-        """Writes a diagnostic step's gradient tags and cosine heatmaps; checks for dominance."""
-        if self._dominance is not None:
-            for phase, names in self.term_names.items():
-                norms = {n: float(outputs[f"grad_norm/{n}"]) for n in names}
-                weights = {n: float(outputs[f"weight/{n}"]) for n in names}
-                self._dominance.update(phase, norms, weights, step)
+    def _warn_stateful_random(self) -> None:
+        """Warns once when the step draws from TensorFlow's stateful random ops."""
+        if self._random_warning_given:
+            return
+        self._random_warning_given = True
+        found = set()
+        for concrete in (c for _, c in self._calls.values()):
+            graph_def = concrete.graph.as_graph_def()
+            nodes = list(graph_def.node)
+            for function in graph_def.library.function:
+                nodes.extend(function.node_def)
+            found.update(n.op for n in nodes if n.op in _STATEFUL_RANDOM_OPS)
+        if found:
+            logging.warning(
+                "compute_terms draws random numbers with TensorFlow's stateful ops (%s: "
+                "tf.random.normal and the like), whose state no checkpoint holds: a resumed run "
+                "draws other numbers than an uninterrupted one. Draw from the Trainer's "
+                "checkpointed generator instead: keras.random.normal(shape, "
+                "seed=self.seed_generator).",
+                ", ".join(sorted(found)),
+            )
+
+    def _write_diagnostics(self, step: int, scalars, matrices, layer_norms) -> None:
+        """Writes a diagnostic step's gradient tags, cosine heatmaps and layer shares."""
         if self.writer is None:
             return
-        if also_scalars:  # otherwise they go with this step's other scalars
-            self._write(
-                step, {k: float(v) for k, v in outputs.items() if k.startswith(GRADIENT_TAGS)}
-            )
-        for key, matrix in matrices.items():
-            self.writer.cosine_matrix(key.split("/", 1)[1], np.asarray(matrix), step)
+        self._write(step, scalars)
+        for phase, matrix in matrices.items():
+            self.writer.cosine_matrix(phase, matrix, step)
+        del layer_norms  # drawn by the TensorBoard writer (issue 12/15)
 
     def _build_balancers(self, dataset: tf.data.Dataset) -> None:
         """Creates each balancer's state for its phase's terms, before the step is traced.
@@ -619,7 +803,8 @@ class Trainer(StepMixin):
         self._phase_metrics.clear()  # tensors of that scratch trace
         with self.strategy.scope():
             for phase_name, balancer in pending.items():
-                balancer.build(names[phase_name])
+                shapes = [v.shape for v in self.phases[phase_name].variables]
+                balancer.build(names[phase_name], shapes=shapes)
         for phase_name, balancer in self.balancers.items():
             if phase_name not in self._balancer_targets:
                 self._balancer_targets[phase_name] = self._target_indices(phase_name, balancer)
@@ -649,26 +834,45 @@ class Trainer(StepMixin):
             )
         return indices
 
-    def _host_logs(self, outputs) -> dict[str, float]:
-        logs = {k: float(v) for k, v in outputs.items()}
-        for phase in self.phases.values():
-            lr = phase.optimizer.learning_rate
-            logs[f"optimizer/{phase.name}/learning_rate"] = float(np.asarray(lr))
-        return logs
+    def _optimizer_logs(self) -> dict[str, float]:
+        """Each phase's current learning rate, `optimizer/<phase>/learning_rate`."""
+        return {
+            f"optimizer/{phase.name}/learning_rate": float(
+                np.asarray(phase.optimizer.learning_rate)
+            )
+            for phase in self.phases.values()
+        }
 
     def _raise_nonfinite(self):
         index = int(self._nonfinite_index.numpy())
         at = int(self._nonfinite_step.numpy())
-        phase, term = self._checked_names[index].split("/", 1)
-        what = (
-            f"The gradient of phase {phase!r}"
-            if term == "<gradient>"
-            else (f"Loss term {term!r} (phase {phase!r})")
+        phase, run, kind, term = self._checked_names[index]
+        where = f"phase {phase!r}" + (
+            f", run {run + 1} of {self.phase_steps[phase]}"
+            if self.phase_steps.get(phase, 1) > 1
+            else ""
         )
+        if kind == "gradient":
+            what = f"The gradient of {where} became NaN or Inf"
+        elif kind == "weight":
+            fn = self.weights.get(term)
+            spec = getattr(fn, "spec", None)
+            what = (
+                f"The weight of term {term!r} ({where}"
+                + (f", schedule {spec!r}" if spec else "")
+                + ") became NaN or Inf"
+            )
+        elif kind == "balancer":
+            balancer = self.balancers[phase]
+            what = (
+                f"Balancer {balancer.spec!r} ({where}) needs {balancer.precondition}, and "
+                f"term {term!r} broke it"
+            )
+        else:
+            what = f"Loss term {term!r} ({where}) became NaN or Inf"
         raise NonFiniteLossError(
-            f"{what} became NaN or Inf at step {at}; that step's update was not applied and "
-            f"training stopped at global step {self.step}. Pass on_nonfinite='skip' to drop "
-            "such steps instead."
+            f"{what} at step {at}; that step's update was not applied and training stopped at "
+            f"global step {self.step}. Pass on_nonfinite='skip' to drop such steps instead."
         )
 
     def evaluate(self, data, *, steps: int | None = None, batch_size: int = 32) -> dict[str, float]:
@@ -691,11 +895,25 @@ class Trainer(StepMixin):
         dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=False)
         if steps is not None:
             dataset = dataset.take(validation.positive_int("steps", steps))
+        with clean_errors(), self._random_state_kept():
+            sums = self._evaluate_sums(dataset)
+        examples = sums.pop("examples", 0.0)
+        if not examples:
+            raise ValueError("`data` for evaluate holds no examples.")
+        results = {k: v / examples for k, v in sums.items()}
+        self._write(self.step, {f"eval/{k}": v for k, v in results.items()})
+        if self._writer is not None:
+            self._writer.flush()
+        return results
+
+    def _evaluate_sums(self, dataset: tf.data.Dataset) -> dict[str, float]:
+        """Example-weighted sums of every evaluated value over `dataset`."""
         self._prepare_state(dataset)
         if self._eval_function is None:
             self._eval_function = self._make_eval_function()
         iterator = self._distribute(dataset)
         per_pass = data_lib.batches_per_pass(dataset)
+        most = 100 if self.steps_per_execution == "auto" else self.steps_per_execution
         sums: dict[str, float] = {}
 
         def add(outputs):
@@ -705,7 +923,7 @@ class Trainer(StepMixin):
         if per_pass is not None:
             remaining = per_pass
             while remaining > 0:
-                count = min(self.steps_per_execution, remaining)
+                count = min(most, remaining)
                 add(self._eval_function(iterator, tf.constant(count, tf.int32)))
                 remaining -= count
         else:
@@ -714,14 +932,49 @@ class Trainer(StepMixin):
                     add(self._eval_function(iterator, tf.constant(1, tf.int32)))
                 except (tf.errors.OutOfRangeError, StopIteration):
                     break
-        examples = sums.pop("examples", 0.0)
-        if not examples:
-            raise ValueError("`data` for evaluate holds no examples.")
-        results = {k: v / examples for k, v in sums.items()}
-        self._write(self.step, {f"eval/{k}": v for k, v in results.items()})
-        if self._writer is not None:
-            self._writer.flush()
-        return results
+        return sums
+
+    # ----------------------------------------------------------------------------------------
+    # Averaged weights (an optimizer's `use_ema`).
+
+    def _ema_phases(self) -> list:
+        return [p for p in self.phases.values() if getattr(p.optimizer, "use_ema", False)]
+
+    def _finalize_averages(self) -> None:
+        """Puts the averaged weights into the model(s), as `keras.Model.fit` does at its end.
+
+        The raw weights are kept: the next `fit` (and `save`) puts them back first, so training
+        continues exactly as if the averages had never been shown.
+        """
+        for phase in self._ema_phases():
+            if phase.name in self._raw_weights:
+                continue
+            self._raw_weights[phase.name] = [tf.identity(v) for v in phase.variables]
+            phase.optimizer.finalize_variable_values(phase.variables)
+
+    def _restore_raw_weights(self) -> None:
+        for phase in self.phases.values():
+            raw = self._raw_weights.pop(phase.name, None)
+            if raw is not None:
+                for variable, value in zip(phase.variables, raw, strict=True):
+                    variable.assign(value)
+
+    @contextlib.contextmanager
+    def _raw_weights_in(self):
+        """The raw weights in the models for the duration (a save after `fit`)."""
+        averaged = {
+            name: [tf.identity(v) for v in self.phases[name].variables]
+            for name in self._raw_weights
+        }
+        raw = dict(self._raw_weights)
+        self._restore_raw_weights()
+        try:
+            yield
+        finally:
+            for name, values in averaged.items():
+                for variable, value in zip(self.phases[name].variables, values, strict=True):
+                    variable.assign(value)
+            self._raw_weights.update(raw)
 
     # ----------------------------------------------------------------------------------------
     # Files.
@@ -765,9 +1018,19 @@ class Trainer(StepMixin):
         self._hparams_written = True
 
     def save(self) -> str | None:
-        """Saves a checkpoint at the current step (None without `checkpoint_dir`)."""
+        """Saves a checkpoint at the current step (None without `checkpoint_dir`).
+
+        With an optimizer's `use_ema`, after `fit` the models show the averaged weights; the
+        checkpoint still holds the raw ones (and the optimizer the averages).
+        """
         if self._checkpoints is None:
             return None
+        if self._raw_weights:
+            with self._raw_weights_in():
+                return self._save()
+        return self._save()
+
+    def _save(self) -> str:
         extra = {}
         if self.checkpoint_data and self._train_iterator is not None:
             extra["data"] = self._train_iterator

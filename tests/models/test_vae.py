@@ -44,7 +44,7 @@ def test_mixed_precision_keeps_the_terms_in_float32():
         model, _, _ = vae.build_vae((8, 8, 1), latent_dim=3, seed=0)
         x = np.random.default_rng(0).random((4, 8, 8, 1)).astype("float32")
         t = vae.VAETrainer(model, keras.optimizers.Adam(1e-3), progress=False)
-        logs = t.fit(x, steps=2, batch_size=4)
+        logs = t.fit(x, steps=2, batch_size=4).last
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("sample").compute_dtype == "bfloat16"

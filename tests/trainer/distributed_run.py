@@ -53,7 +53,7 @@ def train(strategy, evaluate=True, **options):
         progress=False,
         **options,
     )
-    logs = t.fit(data, steps=6)
+    logs = t.fit(data, steps=6).last
     evaluation = t.evaluate((x, y, sw.numpy()), batch_size=16) if evaluate else {}
     return {
         "logs": {k: v for k, v in logs.items() if not k.startswith("perf/")},

@@ -45,7 +45,7 @@ def main(kind, log_dir):
         log_every=2,
         progress=False,
     )
-    logs = t.fit(data, until_step=4)
+    logs = t.fit(data, until_step=4).last
     print(
         json.dumps(
             {

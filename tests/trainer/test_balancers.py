@@ -223,7 +223,7 @@ def test_trainer_logs_schedule_times_balancer_weight():
         balancer="ema:0.5",
         progress=False,
     )
-    logs = t.fit((x, y), steps=1, batch_size=2)
+    logs = t.fit((x, y), steps=1, batch_size=2).last
     pred = x.sum(1)
     mse, size = np.mean((pred - y[:, 0]) ** 2), np.mean(pred**2)
     # First step: the EMA balancer's weight is 1 / |value|, times the schedule's 0.5.
@@ -247,7 +247,7 @@ def test_pcgrad_in_the_trainer_never_conflicts():
     t = UpDown(model, keras.optimizers.SGD(0.1), balancer="pcgrad", grad_log_every=1)
     t.progress = False
     before = weights_of(model)
-    logs = t.fit(tf.data.Dataset.from_tensors(x), steps=1)
+    logs = t.fit(tf.data.Dataset.from_tensors(x), steps=1).last
     pred = x.sum(1)  # w = [1, 1], b = 0
     features = np.concatenate([x, np.ones((2, 1))], axis=1)  # d pred / d [w1, w2, b]
     g_up = 2 * (pred[0] - 2.0) * features[0]

@@ -140,8 +140,8 @@ def test_diagnostic_step_matches_independent_gradients_and_plain_update():
 
     diagnosed, plain = make(1), make(0)
     expected = independent_gradients(diagnosed.model, x, y, weights)
-    logs = diagnosed.fit((x, y), steps=1, batch_size=64)
-    plain_logs = plain.fit((x, y), steps=1, batch_size=64)
+    logs = diagnosed.fit((x, y), steps=1, batch_size=64).last
+    plain_logs = plain.fit((x, y), steps=1, batch_size=64).last
     assert not any(k.startswith("grad_") for k in plain_logs)
     norms, cosines, _, conflict = numpy_statistics(expected)
     for i, name in enumerate(("loss", "sparsity", "regularization")):
@@ -217,7 +217,7 @@ def test_diagnostics_with_two_phases_and_nonfinite_raise():
         grad_log_every=1,
         progress=False,
     )
-    logs = t.fit((x, y), steps=2, batch_size=32)
+    logs = t.fit((x, y), steps=2, batch_size=32).last
     for name in ("mse_first", "size_first", "mse_second", "size_second"):
         assert logs[f"grad_norm/{name}"] > 0
     assert {"grad_conflict/first", "grad_conflict/second"} <= set(logs)
@@ -252,7 +252,7 @@ def test_balanced_diagnostic_steps_run_jitted():
             jit_compile=jit_compile,
             progress=False,
         )
-        return t.fit(tf.data.Dataset.from_tensors(x), steps=4), weights_of(t.model)
+        return t.fit(tf.data.Dataset.from_tensors(x), steps=4).last, weights_of(t.model)
 
     (logs, weights), (jit_logs, jit_weights) = train(False), train(True)
     for a, b in zip(weights, jit_weights, strict=True):

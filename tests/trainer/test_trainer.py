@@ -45,7 +45,7 @@ def test_one_step_matches_hand_computed_update():
     y = np.array([[0.0], [1.0]], "float32")
     model = linear_model()
     t = Trainer(model, sgd(0.1), loss=losses.mean_squared_error, progress=False)
-    logs = t.fit((x, y), steps=1, batch_size=2)
+    logs = t.fit((x, y), steps=1, batch_size=2).last
     residual = x.sum(1) - y[:, 0]  # [3, 1]
     assert logs["loss/loss"] == pytest.approx(np.mean(residual**2))
     grad_w = 2 * (residual[:, None] * x).mean(0)
@@ -97,7 +97,7 @@ def test_add_loss_and_regularization_terms_are_collected_and_weighted():
         weights={"sparsity": 0.5, "regularization": schedules.constant(2.0)},
         progress=False,
     )
-    logs = t.fit((x, y), steps=1, batch_size=64)
+    logs = t.fit((x, y), steps=1, batch_size=64).last
     assert t.term_names == {"train": ("loss", "sparsity", "regularization")}
     assert logs["weight/sparsity"] == 0.5 and logs["weight/regularization"] == 2.0
     assert logs["weighted/sparsity"] == pytest.approx(0.5 * logs["loss/sparsity"])
@@ -121,7 +121,7 @@ def test_scheduled_weight_follows_the_step():
         log_every=1,
         progress=False,
     )
-    seen = [t.fit((x, y), steps=1)["weight/loss"] for _ in range(4)]
+    seen = [t.fit((x, y), steps=1).last["weight/loss"] for _ in range(4)]
     # The weight of the update that moves step s to s+1 is schedule(s).
     assert seen == pytest.approx([0.0, 0.1, 0.2, 0.3])
 
@@ -171,7 +171,7 @@ def test_steps_epochs_and_until_step():
     assert t.step == 11
     t.fit((x, y), until_step=15, batch_size=16)
     assert t.step == 15
-    assert t.fit((x, y), until_step=10) == t._last_logs  # nothing left to do
+    assert t.fit((x, y), until_step=10).last == t._last_logs  # nothing left to do
     assert t.step == 15
     with pytest.raises(ValueError, match="not several"):
         t.fit((x, y), steps=1, epochs=1)
@@ -195,7 +195,7 @@ def test_steps_per_execution_and_jit_give_the_same_weights(options):
             progress=False,
             **kwargs,
         )
-        logs = t.fit(data, steps=10)
+        logs = t.fit(data, steps=10).last
         return weights_of(model), logs, t.step
 
     ref_weights, ref_logs, ref_step = train(steps_per_execution=1)
@@ -238,7 +238,7 @@ def test_nonfinite_skip_drops_and_counts():
     t = NaNAfter(model, sgd(0.01), progress=False, on_nonfinite="skip")
     t.fit((x, y), steps=3, batch_size=16)
     good = weights_of(model)
-    logs = t.fit((x, y), steps=4, batch_size=16)
+    logs = t.fit((x, y), steps=4, batch_size=16).last
     assert t.step == 7 and t.skipped_steps == 4
     assert logs["nonfinite/skipped"] == 4
     for a, b in zip(good, weights_of(model), strict=True):
@@ -258,7 +258,7 @@ def test_two_phases_each_update_their_own_variables():
     t = TwoPhase(
         {"first": first, "second": second}, {"first": sgd(0.01), "second": sgd(0.0)}, progress=False
     )
-    logs = t.fit((x, y), steps=2)
+    logs = t.fit((x, y), steps=2).last
     assert set(t.term_names) == {"first", "second"}
     assert {"total/first", "total/second", "loss/mse_first", "loss/mse_second"} <= set(logs)
     assert not np.allclose(weights_of(first)[0], 1.0)
@@ -298,7 +298,7 @@ class WithMetrics(Trainer):
 def test_metrics_are_logged_not_summed(tmp_path):
     x, y = regression_data(32, features=2)
     t = WithMetrics(linear_model(), sgd(0.0), progress=False, log_dir=str(tmp_path))
-    logs = t.fit((x, y), steps=1, batch_size=32)
+    logs = t.fit((x, y), steps=1, batch_size=32).last
     pred = x.sum(1)  # w = 1, b = 0 and a zero learning rate
     assert logs["output/mean_abs"] == pytest.approx(np.mean(np.abs(pred)), rel=1e-5)
     assert logs["target_max"] == pytest.approx(np.max(np.abs(y)), rel=1e-6)
