@@ -284,12 +284,16 @@ def _plan(loss, y_pred, output_names) -> list[_Term]:
             return [_Term("loss", loss, None, "`loss`")]
         return [_Term(name, loss, path, "`loss`") for path, name in outputs.items()]
     if isinstance(loss, (list, tuple)):
+        if single:
+            raise ValueError(
+                f"`loss` is a {type(loss).__name__} of {len(loss)} losses but the model has one "
+                "output: give the loss itself, or a dict of losses keyed by term names."
+            )
         if not isinstance(y_pred, (list, tuple)) or len(loss) != len(y_pred):
-            count = 1 if single else len(outputs)
             raise ValueError(
                 f"`loss` is a {type(loss).__name__} of {len(loss)} losses but the model has "
-                f"{count} output(s) ({listed}) in a {type(y_pred).__name__}: give one loss per "
-                "output of a list model, or a dict keyed by term or output names."
+                f"{len(outputs)} outputs ({listed}) in a {type(y_pred).__name__}: give one loss "
+                "per output of a list model, or a dict keyed by output names."
             )
         names = list(outputs.values())
         return [_Term(names[i], fn, (i,), f"`loss[{i}]`") for i, fn in enumerate(loss) if fn]
@@ -391,6 +395,11 @@ def _lookup(value, path: tuple, y_pred, outputs: dict[tuple, str], what: str, *,
         raise ValueError(
             f"`{what}` is {_describe_value(value)} but the model's outputs are a dict "
             f"({listed}): give a dict with the same keys."
+        )
+    unknown = sorted(set(value) - set(y_pred))
+    if unknown:
+        raise ValueError(
+            f"`{what}` has keys {unknown} that name no output; the model's outputs are {listed}."
         )
     node = value
     for key in path:
@@ -554,6 +563,8 @@ def _keras_values(fn, y_true, y_pred, sample_weight, weighted_outside: bool, wha
     masks = [m for m in (in_mask, out_mask) if m is not None]
     mask = None if not masks else masks[0] if len(masks) == 1 else masks[0] & masks[1]
     values = keras.ops.convert_to_tensor(values, dtype=loss.dtype)
+    if values.shape.rank is None:
+        raise ValueError(f"{what} returns values of unknown rank; Termwise needs a static rank.")
     dtype = values.dtype
     weights = None if sample_weight is None else tf.cast(sample_weight, dtype)
     float_mask = None if mask is None else tf.cast(mask, dtype)
@@ -563,7 +574,8 @@ def _keras_values(fn, y_true, y_pred, sample_weight, weighted_outside: bool, wha
                 f"{what} returns one value per batch, not per example: on "
                 f"{tf.distribute.get_strategy().num_replicas_in_sync} replicas it would be the "
                 "mean of the replicas' values, not the value of the whole batch. Give the loss "
-                "an axis that keeps the batch (Dice(axis=...)) or run on one replica."
+                "an axis that keeps the batch (Dice(axis=...)), outputs of shape [batch, 1] "
+                "rather than [batch], or run on one replica."
             )
         if weights is None and float_mask is None:
             return values  # a batch statistic: Keras applies no reduction to it
