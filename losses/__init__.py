@@ -23,6 +23,8 @@ from termwise.losses.layers import (
     FeatureDiversity,
     GaussianActivityKL,
     L1ActivitySparsity,
+    SummedPenaltyWarning,
+    add_penalty,
     penalize,
 )
 from termwise.losses.likelihoods import (
@@ -46,6 +48,8 @@ __all__ = [
     "FeatureDiversity",
     "GaussianActivityKL",
     "L1ActivitySparsity",
+    "SummedPenaltyWarning",
+    "add_penalty",
     "bernoulli_nll",
     "bernoulli_sparsity_kl",
     "drift_penalty",

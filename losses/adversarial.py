@@ -17,6 +17,10 @@ import tensorflow as tf
 
 FEATURE_MATCHING_NORMS = ("l2", "l1")
 
+# Registered, so that a model holding `DriftPenalty` (or an `ActivityPenalty(drift_penalty)`)
+# reloads with `keras.models.load_model` after `import termwise`.
+_serializable = keras.saving.register_keras_serializable(package="termwise")
+
 
 def _per_example(logits) -> tf.Tensor:
     """[batch] float32 logits from [batch] or [batch, 1] (one value per example)."""
@@ -246,6 +250,7 @@ def feature_matching(
     return tf.reduce_sum(tf.square(difference))
 
 
+@_serializable
 def drift_penalty(logits: tf.Tensor, epsilon: float = 1e-3) -> tf.Tensor:
     """The drift penalty of Karras et al. (2018, "Progressive Growing of GANs").
 
@@ -264,12 +269,17 @@ def drift_penalty(logits: tf.Tensor, epsilon: float = 1e-3) -> tf.Tensor:
     return float(epsilon) * tf.square(_per_example(logits))
 
 
+@_serializable
 class DriftPenalty(keras.layers.Layer):
     """Adds `drift_penalty(logits, epsilon)` with `add_loss` and returns the logits unchanged.
 
     Place it on a discriminator's logits: every call adds epsilon * D(x)^2 per example, so in a
     phase that calls the discriminator on real then fake data, the Trainer's term (named by
     this layer) is epsilon * (D(x_real)^2 + D(x_fake)^2) per example.
+
+    The value is per example ([batch]): `termwise.Trainer` averages it over the batch, while
+    `keras.Model.fit` sums every `add_loss` value, so under plain `fit` the penalty weighs
+    batch_size times more (see `termwise.losses.layers`).
 
     Args:
         epsilon: the penalty's weight (Karras et al. 2018 use 0.001); > 0.

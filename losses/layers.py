@@ -8,20 +8,86 @@ Keras 3 no longer accepts `model.add_loss(f(model.layers[0].output))` on a funct
 (a symbolic tensor is not a loss). `penalize(model, layer_name, penalty)` does the same job
 without editing the model: it returns a new functional model that shares every layer (and so
 every weight) of `model`, with a penalty layer inserted after the named one.
+
+Reduction. A layer that adds one value per example ([batch]) means "this much per example":
+`termwise.Trainer` averages it over the global batch (the sum over replicas of each replica's
+sum, divided by the global batch size), like the other per-example terms. `keras.Model.fit`
+instead sums every `add_loss` value (`ops.sum`), so under plain `fit` a per-example penalty
+weighs `batch_size` times more than under the Trainer, and its weight changes with the batch
+size. Termwise keeps its rule; `add_penalty` (which every penalty layer here calls) warns once
+per layer class, with a `SummedPenaltyWarning`, when a layer adds a per-example value in
+training while no Termwise `LossRecorder` is active: that is, under `keras.Model.fit` or a
+hand-written loop. A scalar (a batch statistic) is the same under both rules.
+
+Saving. Every layer here is registered with Keras under the package `termwise`
+(`termwise>L1ActivitySparsity`), and so are the penalty functions an `ActivityPenalty` may
+hold (`termwise.losses.penalties`), so that a model that holds them reloads with a plain
+`keras.models.load_model(path)` after `import termwise`. The layers of the reference models
+(`termwise.models.vae`, `.lstm`, `.gan`), which `import termwise` does not import, are
+registered here too, by placeholders that import their module on first use.
 """
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from collections.abc import Callable, Mapping
 
 import keras
 import tensorflow as tf
 
 from termwise.losses import penalties
+from termwise.trainer import terms
+
+PACKAGE = "termwise"  # the Keras registration package of every Termwise class and function
+
+_serializable = keras.saving.register_keras_serializable(package=PACKAGE)
 
 
+class SummedPenaltyWarning(UserWarning):
+    """A per-example penalty is trained outside `termwise.Trainer`, which sums it over the batch.
+
+    Raised by `add_penalty` once per layer class (Python's default warning filter shows a
+    warning once per place and message). Silence it with
+    `warnings.filterwarnings("ignore", category=losses.SummedPenaltyWarning)`.
+    """
+
+
+def add_penalty(layer: keras.layers.Layer, value: tf.Tensor, training: bool | None = None) -> None:
+    """Adds `value` with `layer.add_loss`; warns when Keras, not Termwise, will reduce it.
+
+    Call it from a penalty layer's `call` instead of `self.add_loss(value)`. Termwise averages a
+    per-example ([batch]) value over the batch; `keras.Model.fit` sums it. When `training` is
+    true, `value` is not a scalar and no Termwise `LossRecorder` is active on this thread
+    (the layer runs under `keras.Model.fit` or a hand-written loop), this issues a
+    `SummedPenaltyWarning` naming the layer's class, once per class.
+
+    Args:
+        layer: the layer whose `call` is running.
+        value: the penalty, [batch] or a scalar.
+        training: the layer's `training` argument.
+    """
+    layer.add_loss(value)
+    rank = getattr(getattr(value, "shape", None), "rank", None)
+    if training and rank != 0 and not terms.is_recording():
+        warnings.warn(
+            f"{type(layer).__name__} adds a per-example penalty with add_loss, and no "
+            "termwise.Trainer is recording it: keras.Model.fit sums add_loss values over the "
+            "batch, while termwise.Trainer averages them, so here the penalty weighs batch_size "
+            "times more than under the Trainer. Train with termwise.Trainer, or divide the "
+            "penalty's scale by the batch size.",
+            SummedPenaltyWarning,
+            stacklevel=2,
+        )
+
+
+@_serializable
 class ActivityPenalty(keras.layers.Layer):
     """Adds `scale * penalty_fn(inputs)` with `add_loss` and returns `inputs` unchanged.
+
+    A per-example penalty ([batch]) is averaged over the batch by `termwise.Trainer` and summed
+    by `keras.Model.fit` (see the module docstring; a `SummedPenaltyWarning` says so once); a
+    scalar is the same under both.
 
     Example:
         ```python
@@ -31,7 +97,9 @@ class ActivityPenalty(keras.layers.Layer):
 
     Args:
         penalty_fn: maps the input to a per-example [batch] penalty or a scalar. To save the
-            layer in a `.keras` file it must be serialisable by Keras (a registered function).
+            layer in a `.keras` file it must be serialisable by Keras: a function registered
+            with `keras.saving.register_keras_serializable` (every function of
+            `termwise.losses.penalties` is), not a lambda or a `functools.partial`.
         scale: multiplies the penalty (a constant; the Trainer's `weights` schedule it).
     """
 
@@ -53,9 +121,9 @@ class ActivityPenalty(keras.layers.Layer):
             )
         return self.penalty_fn(inputs)
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         value = tf.cast(self.penalty(tf.cast(inputs, tf.float32)), tf.float32)
-        self.add_loss(value * self.scale if self.scale != 1.0 else value)
+        add_penalty(self, value * self.scale if self.scale != 1.0 else value, training)
         return inputs
 
     def compute_output_shape(self, input_shape):
@@ -75,11 +143,15 @@ class ActivityPenalty(keras.layers.Layer):
         return cls(**config)
 
 
+@_serializable
 class L1ActivitySparsity(ActivityPenalty):
     """Adds the L1 activity penalty `scale * l1_activity(inputs, mean=mean)`, per example.
 
     See `losses.l1_activity` (Glorot et al. 2011). With `mean=True` the penalty is the mean
     |activation|, independent of the layer's size.
+
+    The value is per example ([batch]): `termwise.Trainer` averages it over the batch, while
+    `keras.Model.fit` sums it (a `SummedPenaltyWarning` says so once; see the module docstring).
     """
 
     def __init__(self, scale: float = 1.0, mean: bool = False, **kwargs):
@@ -93,10 +165,12 @@ class L1ActivitySparsity(ActivityPenalty):
         return {**super().get_config(), "mean": self.mean}
 
 
+@_serializable
 class FeatureDiversity(ActivityPenalty):
     """Adds `scale * feature_diversity(inputs, between=between)`, a scalar batch statistic.
 
     See `losses.feature_diversity` (mean pairwise cosine similarity; cf. Cogswell et al. 2016).
+    The value is a scalar, so `termwise.Trainer` and `keras.Model.fit` weigh it the same.
     """
 
     def __init__(self, scale: float = 1.0, between: str = "examples", **kwargs):
@@ -112,8 +186,13 @@ class FeatureDiversity(ActivityPenalty):
         return {**super().get_config(), "between": self.between}
 
 
+@_serializable
 class BernoulliSparsityKL(ActivityPenalty):
-    """Adds `scale * bernoulli_sparsity_kl(inputs, target, squash=squash)` (Ng 2011), a scalar."""
+    """Adds `scale * bernoulli_sparsity_kl(inputs, target, squash=squash)` (Ng 2011), a scalar.
+
+    The value is a batch statistic (a scalar), so `termwise.Trainer` and `keras.Model.fit`
+    weigh it the same.
+    """
 
     def __init__(self, target: float = 0.05, scale: float = 1.0, squash: str = "sigmoid", **kwargs):
         super().__init__(None, scale, **kwargs)
@@ -133,8 +212,13 @@ class BernoulliSparsityKL(ActivityPenalty):
         return {**super().get_config(), "target": self.target, "squash": self.squash}
 
 
+@_serializable
 class GaussianActivityKL(ActivityPenalty):
-    """Adds `scale * gaussian_moments_kl(inputs, sigma)`: batch moments vs N(0, sigma^2)."""
+    """Adds `scale * gaussian_moments_kl(inputs, sigma)`: batch moments vs N(0, sigma^2).
+
+    The value is a batch statistic (a scalar), so `termwise.Trainer` and `keras.Model.fit`
+    weigh it the same.
+    """
 
     def __init__(self, sigma: float = 1.0, scale: float = 1.0, **kwargs):
         super().__init__(None, scale, **kwargs)
@@ -253,3 +337,55 @@ def penalize(
     return keras.models.clone_model(
         model, clone_function=lambda layer: layer, call_function=call_function
     )
+
+
+class _Deferred:
+    """Registers a class of a module that `import termwise` does not import, until it is.
+
+    Keras finds a saved object's class by its registered name (`termwise>Sample`) and imports
+    the class's module only for Keras's own packages. The reference models' modules are
+    imported on demand, so their classes are registered here by this placeholder: when a saved
+    model needs one, it imports the module, whose decorator registers the class itself in its
+    place, and builds the object with the class's `from_config`.
+    """
+
+    def __init__(self, module: str, name: str):
+        self.module = module
+        self.name = name
+
+    def _resolve(self):
+        importlib.import_module(self.module)
+        # The global registry itself: inside `load_model`, `get_registered_object` would first
+        # look in the custom-object scope that Keras opened before the import, and find this.
+        cls = keras.saving.get_custom_objects().get(f"{PACKAGE}>{self.name}")
+        if cls is None or cls is self:
+            raise TypeError(
+                f"{self.module} does not register {PACKAGE}>{self.name}: a saved model names a "
+                "class that this version of Termwise no longer has."
+            )
+        return cls
+
+    def from_config(self, config):
+        return self._resolve().from_config(config)
+
+    def get_config(self):
+        return {"module": self.module, "name": self.name}
+
+
+# The classes of `termwise.models` that a saved reference model holds, by module.
+_MODEL_CLASSES = {
+    "termwise.models.vae": ("GaussianKL", "Sample"),
+    "termwise.models.lstm": ("LastStep",),
+    "termwise.models.gan": ("Generator",),
+}
+
+
+def _register_model_classes() -> None:
+    """Registers each class of `_MODEL_CLASSES` by a placeholder, unless it is registered."""
+    registry = keras.saving.get_custom_objects()
+    for module, names in _MODEL_CLASSES.items():
+        for name in names:
+            registry.setdefault(f"{PACKAGE}>{name}", _Deferred(module, name))
+
+
+_register_model_classes()

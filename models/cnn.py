@@ -20,6 +20,7 @@ layer's activations below 1e-3 (with `sparsity/all` over every penalised activat
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import keras
@@ -33,6 +34,11 @@ from termwise.models.config import RunConfig, config_errors, make_optimizer, set
 from termwise.trainer import Trainer, schedules
 
 THRESHOLD = 1e-3  # an activation below this counts as inactive
+
+# The trained models the job writes to its run directory (on the chief), as `.keras` files that
+# `keras.models.load_model` reads after `import termwise`: the plain classifier (images to
+# logits), and the penalised model that was trained (logits, then the penalised activations).
+MODEL_FILES = {"classifier": "classifier.keras", "penalized": "penalized.keras"}
 
 
 def build_cnn(image_shape: tuple[int, int, int], num_classes: int = 10) -> keras.Model:
@@ -148,6 +154,9 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Trains the penalised classifier on `config.dataset` up to `config.steps`; evaluates it.
 
+    Writes TensorBoard scalars, checkpoints and, at the end, the trained models
+    `classifier.keras` and `penalized.keras` (`MODEL_FILES`) to `config.log_dir`.
+
     Args:
         config: the common run options (`dataset`: digits, mnist, fashion_mnist or PATH.npz
             with labels `y`).
@@ -205,6 +214,7 @@ def train_and_evaluate(
     )
     trainer.fit(train, until_step=config.steps)
     results = trainer.evaluate(test)
+    _save_models(trainer, config.log_dir, {"classifier": classifier, "penalized": model})
     logging.info(
         "Held-out accuracy %.4f; activations below %g: %s at step %d",
         results["accuracy"],
@@ -213,3 +223,11 @@ def train_and_evaluate(
         trainer.step,
     )
     return results
+
+
+def _save_models(trainer: Trainer, log_dir: str, models: dict[str, keras.Model]) -> None:
+    """Writes each model to `log_dir`/MODEL_FILES[name]; only where the trainer writes files."""
+    if trainer.writer is None:  # no log directory, or a multi-worker worker other than the chief
+        return
+    for name, model in models.items():
+        model.save(os.path.join(log_dir, MODEL_FILES[name]))

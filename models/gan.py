@@ -76,8 +76,12 @@ def _generator_network(image_shape, latent_dim: int, width: int) -> keras.Model:
     return keras.Model(latents, images, name="generator_network")
 
 
+@keras.saving.register_keras_serializable(package="termwise")
 class Generator(keras.Model):
     """Maps latents z ~ N(0, I) to images in [0, 1]; draws its own latents reproducibly.
+
+    Saved as `.keras`, it keeps its arguments in its config (loading rebuilds the network, then
+    reads its weights) and `seed_generator`'s state beside the weights.
 
     Args:
         image_shape: (height, width, channels) of the images.
@@ -96,10 +100,37 @@ class Generator(keras.Model):
     ):
         kwargs.setdefault("name", "generator")
         super().__init__(**kwargs)
+        self.image_shape = tuple(int(n) for n in image_shape)
         self.latent_dim = int(latent_dim)
-        self.network = _generator_network(tuple(image_shape), self.latent_dim, width)
+        self.width = int(width)
+        self.seed = seed
+        self.network = _generator_network(self.image_shape, self.latent_dim, self.width)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.build((None, self.latent_dim))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "image_shape": self.image_shape,
+            "latent_dim": self.latent_dim,
+            "width": self.width,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def save_own_variables(self, store):
+        # Keras saves no SeedGenerator state in a .keras file; the network's weights are its own.
+        super().save_own_variables(store)
+        store["seed_generator_state"] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        keys = [key for key in store.keys() if key != "seed_generator_state"]
+        super().load_own_variables({key: store[key] for key in keys})
+        if "seed_generator_state" in store.keys():
+            self.seed_generator.state.assign(store["seed_generator_state"])
 
     def build(self, input_shape=None):
         del input_shape  # the network is built at construction

@@ -41,6 +41,8 @@ writes `eval/mse_ratio` (LSTM MSE / persistence MSE).
 
 from __future__ import annotations
 
+import os
+
 import keras
 import tensorflow as tf
 from absl import logging
@@ -49,6 +51,10 @@ from termwise import losses
 from termwise.models import data as data_lib
 from termwise.models.config import RunConfig, config_errors, make_optimizer, set_up, trainer_options
 from termwise.trainer import Trainer
+
+# The trained model the job writes to its run directory (on the chief), as a `.keras` file that
+# `keras.models.load_model` reads after `import termwise`.
+MODEL_FILES = {"forecaster": "forecaster.keras"}
 
 
 def parse_kl_target(spec: str) -> tuple[str, float]:
@@ -73,6 +79,7 @@ def parse_kl_target(spec: str) -> tuple[str, float]:
     return form, number
 
 
+@keras.saving.register_keras_serializable(package="termwise")
 class LastStep(keras.layers.Layer):
     """[batch, time, units] -> [batch, units]: the last time step."""
 
@@ -139,8 +146,8 @@ def train_and_evaluate(
 
     The series (`termwise.models.data.load_forecast`) is split in time: the test windows come
     from its last 20%. Writes TensorBoard scalars (`loss/mse`, `loss/kl`, `persistence_mse`,
-    `eval/...`, `eval/mse_ratio`) and checkpoints to `config.log_dir`; a rerun of the same
-    command resumes.
+    `eval/...`, `eval/mse_ratio`), checkpoints and, at the end, the trained model
+    `forecaster.keras` (`MODEL_FILES`) to `config.log_dir`; a rerun of the same command resumes.
 
     Args:
         config: the common run options (`dataset`: "mackey_glass" or PATH.csv).
@@ -189,6 +196,7 @@ def train_and_evaluate(
     if trainer.writer is not None:
         trainer.writer.scalars(trainer.step, {"eval/mse_ratio": results["mse_ratio"]})
         trainer.writer.flush()
+    _save_models(trainer, config.log_dir, {"forecaster": model})
     logging.info(
         "Held-out forecast MSE %.4g vs persistence %.4g (ratio %.4g), %d steps ahead, step %d",
         results["mse"],
@@ -198,3 +206,11 @@ def train_and_evaluate(
         trainer.step,
     )
     return results
+
+
+def _save_models(trainer: Trainer, log_dir: str, models: dict[str, keras.Model]) -> None:
+    """Writes each model to `log_dir`/MODEL_FILES[name]; only where the trainer writes files."""
+    if trainer.writer is None:  # no log directory, or a multi-worker worker other than the chief
+        return
+    for name, model in models.items():
+        model.save(os.path.join(log_dir, MODEL_FILES[name]))

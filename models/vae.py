@@ -31,12 +31,17 @@ from termwise.models.config import RunConfig, config_errors, make_optimizer, set
 from termwise.trainer import Trainer, schedules
 
 
+@keras.saving.register_keras_serializable(package="termwise")
 class GaussianKL(keras.layers.Layer):
     """Adds the KL of q(z|x) = N(mean, exp(log_variance)) to N(0, I) with `add_loss`.
 
     Call it on `[mean, log_variance]`; it returns them unchanged. The value added is the
     per-example KL ([batch]), or, in training with `free_bits > 0`, the scalar
     `sum_j max(free_bits, mean_i KL_ij)` (Kingma et al. 2016).
+
+    `termwise.Trainer` averages the per-example KL over the batch, as it does the
+    reconstruction; `keras.Model.fit` sums `add_loss` values, so under plain `fit` the KL
+    weighs batch_size times more (`losses.SummedPenaltyWarning` says so once).
 
     Args:
         free_bits: lambda, in nats per latent dimension (0 turns it off).
@@ -54,26 +59,46 @@ class GaussianKL(keras.layers.Layer):
         mean, log_variance = tf.cast(mean, tf.float32), tf.cast(log_variance, tf.float32)
         if self.free_bits > 0 and training:
             per_dimension = losses.gaussian_kl_per_dimension(mean, log_variance)
-            self.add_loss(losses.free_bits_kl(per_dimension, self.free_bits))
+            losses.add_penalty(self, losses.free_bits_kl(per_dimension, self.free_bits), training)
         else:
-            self.add_loss(losses.gaussian_kl(mean, log_variance))
+            losses.add_penalty(self, losses.gaussian_kl(mean, log_variance), training)
         return mean, log_variance
 
     def get_config(self):
         return {**super().get_config(), "free_bits": self.free_bits}
 
 
+@keras.saving.register_keras_serializable(package="termwise")
 class Sample(keras.layers.Layer):
-    """Reparameterised sample z = mean + exp(log_variance / 2) * eps, eps ~ N(0, I)."""
+    """Reparameterised sample z = mean + exp(log_variance / 2) * eps, eps ~ N(0, I).
+
+    A saved model keeps `seed` in its config and the seed generator's state in its weights, so
+    a reloaded model draws the same noise as the original would next.
+    """
 
     def __init__(self, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs):
         mean, log_variance = inputs
         eps = keras.random.normal(tf.shape(mean), dtype=mean.dtype, seed=self.seed_generator)
         return mean + tf.exp(0.5 * log_variance) * eps
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+    def save_own_variables(self, store):
+        # Keras saves no SeedGenerator state in a .keras file; this layer's is its only state.
+        super().save_own_variables(store)
+        store["seed_generator_state"] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        keys = [key for key in store.keys() if key != "seed_generator_state"]
+        super().load_own_variables({key: store[key] for key in keys})
+        if "seed_generator_state" in store.keys():
+            self.seed_generator.state.assign(store["seed_generator_state"])
 
 
 def build_vae(
@@ -136,6 +161,19 @@ class VAETrainer(Trainer):
         return {"reconstruction": losses.bernoulli_nll(images, logits)}
 
 
+# The trained models a job writes to its run directory (on the chief), as `.keras` files that
+# `keras.models.load_model` reads after `import termwise`.
+MODEL_FILES = {"vae": "vae.keras", "encoder": "encoder.keras", "decoder": "decoder.keras"}
+
+
+def _save_models(trainer: Trainer, log_dir: str, models: dict[str, keras.Model]) -> None:
+    """Writes each model to `log_dir`/MODEL_FILES[name]; only where the trainer writes files."""
+    if trainer.writer is None:  # no log directory, or a multi-worker worker other than the chief
+        return
+    for name, model in models.items():
+        model.save(os.path.join(log_dir, MODEL_FILES[name]))
+
+
 def _scaled(schedule: schedules.Schedule, factor: float) -> schedules.Schedule:
     """factor x schedule: beta times the KL weight (Higgins et al. 2017)."""
     return schedules.Schedule(lambda step: factor * schedule(step), f"{factor:g}*{schedule.spec}")
@@ -152,8 +190,9 @@ def train_and_evaluate(
     """Trains a VAE on `config.dataset` up to `config.steps`, then evaluates it held out.
 
     Writes to `config.log_dir`: TensorBoard scalars, images of test inputs beside their
-    reconstructions and of samples from the prior, `samples.png`, and checkpoints (a rerun of
-    the same command resumes, and finishes the same job).
+    reconstructions and of samples from the prior, `samples.png`, checkpoints (a rerun of
+    the same command resumes, and finishes the same job), and at the end the trained models
+    `vae.keras`, `encoder.keras` and `decoder.keras` (`MODEL_FILES`).
 
     Args:
         config: the common run options.
@@ -200,6 +239,7 @@ def train_and_evaluate(
         trainer.writer.scalars(step, {"eval/negative_elbo": results["negative_elbo"]})
         _write_images(trainer, encoder, decoder, split.x_test, latent_dim, config, step)
         trainer.writer.flush()
+    _save_models(trainer, config.log_dir, {"vae": vae, "encoder": encoder, "decoder": decoder})
     logging.info(
         "Held-out negative ELBO %.2f nats (reconstruction %.2f + KL %.2f) at step %d",
         results["negative_elbo"],

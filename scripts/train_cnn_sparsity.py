@@ -15,6 +15,8 @@ below 1e-3, and `accuracy`.
 `x` (images [n, h, w] or [n, h, w, 1]) and `y` (integer labels).
 """
 
+import os
+
 import common
 from absl import flags
 
@@ -60,6 +62,8 @@ def main():
     )
     print(f"held-out accuracy: {results['accuracy']:.4f}")
     print(f"fraction of penalised activations below 1e-3: {sparsity}")
+    for name, file in cnn.MODEL_FILES.items():
+        print(f"{name}: {os.path.join(FLAGS.log_dir, file)}")
     print(f"TensorBoard: tensorboard --logdir {FLAGS.log_dir}")
 
 

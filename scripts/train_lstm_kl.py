@@ -11,6 +11,8 @@ numeric column (or the column named by --column), in time order, with or without
 The KL's forms and why `KLDivergence` on raw activations is ill-posed: see models/lstm.py.
 """
 
+import os
+
 import common
 from absl import flags
 
@@ -54,6 +56,8 @@ def main():
         f"{results['persistence_mse']:.4g} ({FLAGS.horizon} steps ahead): ratio "
         f"{results['mse_ratio']:.4f}; KL {results['kl']:.4g}"
     )
+    for name, file in lstm.MODEL_FILES.items():
+        print(f"{name}: {os.path.join(FLAGS.log_dir, file)}")
     print(f"TensorBoard: tensorboard --logdir {FLAGS.log_dir}")
 
 

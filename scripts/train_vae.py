@@ -9,6 +9,8 @@
 array `x` of images [n, h, w] or [n, h, w, 1].
 """
 
+import os
+
 import common
 from absl import flags
 
@@ -41,6 +43,8 @@ def main():
         f"(reconstruction {results['reconstruction']:.2f} + KL {results['kl']:.2f})"
     )
     print(f"samples: {FLAGS.log_dir}/samples.png")
+    for name, file in vae.MODEL_FILES.items():
+        print(f"{name}: {os.path.join(FLAGS.log_dir, file)}")
     print(f"TensorBoard: tensorboard --logdir {FLAGS.log_dir}")
 
 

@@ -104,6 +104,7 @@ def as_dataset(data, *, batch_size: int, shuffle: bool, seed: int | None = None)
             raise ValueError("`data` is a generator that yields no batch.") from None
         rest = itertools.chain([head], data)  # one pass: a second iteration yields nothing
         return _from_python(lambda: rest, head, None)
+    data = keras.tree.lists_to_tuples(data)  # Keras's structures: (x, [ya, yb]) is two targets
     if isinstance(data, (np.ndarray, tf.Tensor)):
         arrays = data
     elif isinstance(data, (tuple, list, dict)) and data:

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from termwise.trainer import balancers as balancers_lib
+from termwise.trainer import outputs as outputs_lib
 from termwise.trainer import schedules
 
 DEFAULT_PHASE = "train"
@@ -87,20 +88,22 @@ def make_phases(optimizer) -> dict[str, Phase]:
     return {name: Phase(name, opt) for name, opt in items}
 
 
-def check_loss(loss):
-    if loss is None or callable(loss):
-        return loss
-    if isinstance(loss, Mapping) and loss:
-        for key, fn in loss.items():
-            if not isinstance(key, str) or not callable(fn):
-                raise ValueError(
-                    f"`loss[{key!r}]` ({fn!r}) must be callable, keyed by a term name."
-                )
-        return dict(loss)
-    raise ValueError(
-        f"`loss` ({loss!r}) must be None, a callable (y_true, y_pred) -> per-example values, "
-        "a Keras loss, or a non-empty dict of them."
-    )
+def check_loss(loss, model=None):
+    """Checks `loss` (`termwise.trainer.outputs.check_loss`) and returns it.
+
+    Args:
+        loss: the Trainer's `loss` argument.
+        model: the Trainer's model: when it is a built functional model, the keys and lists of
+            `loss` are checked against its outputs too (otherwise when the step is traced).
+
+    Raises:
+        ValueError: naming the entry of `loss` and what is allowed, or a key naming no output
+            (listing the outputs).
+    """
+    loss = outputs_lib.check_loss(loss)
+    if model is not None and not isinstance(model, Mapping):
+        outputs_lib.check_outputs(loss, model)
+    return loss
 
 
 def check_balancers(balancer, phases) -> dict[str, balancers_lib.Balancer]:

@@ -60,6 +60,14 @@ def _install_add_loss_hook() -> None:
         keras.layers.Layer.add_loss = add_loss
 
 
+def is_recording() -> bool:
+    """True while a `LossRecorder` is active on this thread (a Termwise step is running).
+
+    Penalty layers ask it to tell the Trainer's reduction from Keras's (`losses.add_penalty`).
+    """
+    return getattr(_active, "recorder", None) is not None
+
+
 class LossRecorder:
     """Records the `add_loss` values added on this thread while it is active.
 

@@ -24,6 +24,7 @@ from termwise.trainer import actions, validation
 from termwise.trainer import data as data_lib
 from termwise.trainer import gradients as gradients_lib
 from termwise.trainer import options as options_lib
+from termwise.trainer import outputs as outputs_lib
 from termwise.trainer import preemption as preemption_lib
 from termwise.trainer import terms as terms_lib
 from termwise.trainer.callbacks import History, KerasCallbacks
@@ -113,10 +114,13 @@ class Trainer(StepMixin):
         model: a Keras model, or a dict of them (their variables and states are all saved).
         optimizer: a Keras optimizer, or a dict of them keyed by phase name (one phase each, run
             in the dict's order within each step).
-        loss: for the default `compute_terms`: a callable `(y_true, y_pred) -> per-example
-            values`, a Keras loss (used per example), or a dict of them (one term per key; a
-            key naming one of the model's outputs applies to that output). None: the model's
-            `add_loss` terms alone.
+        loss: for the default `compute_terms`, applied by Keras's rules
+            (`termwise.trainer.outputs`): a Keras loss (a `keras.losses.Loss` or a function of
+            `keras.losses`; its term is what `keras.Model.evaluate` reports for it), your own
+            callable `(y_true, y_pred) -> per-example values` (given y_true and y_pred aligned
+            in rank), a dict of them (one term per key; on a model with several outputs the
+            keys are output names), or a list of them (one per output of a list model, the
+            terms named by the outputs). None: the model's `add_loss` terms alone.
         weights: term name to weight: a number, a schedule (`termwise.schedules`) or a schedule
             string (`"linear:0:1:5000"`). Terms without one weigh 1.
         balancer: a `termwise.balancers.Balancer`, its string form (`"pcgrad"`, `"gradnorm:1.5"`,
@@ -199,7 +203,7 @@ class Trainer(StepMixin):
         self.model = model
         self._models = options_lib.check_models(model)
         self.phases = options_lib.make_phases(optimizer)
-        self.loss = options_lib.check_loss(loss)
+        self.loss = options_lib.check_loss(loss, model)
         if weights is not None and not isinstance(weights, Mapping):
             raise ValueError(f"`weights` ({weights!r}) must be a dict of term name to weight.")
         self.weights = {name: options_lib.as_weight(name, w) for name, w in (weights or {}).items()}
@@ -365,8 +369,11 @@ class Trainer(StepMixin):
         divides by the global batch size) or a scalar (divided by the number of replicas). The
         `add_loss` values of layers called here are collected as terms too, named by the layer.
 
-        The default unpacks `(x, y[, sample_weight])`, calls the model and applies `loss`.
-        Override it for anything else:
+        The default unpacks Keras's `x`, `(x, y)` or `(x, y, sample_weight)`, calls the model
+        and applies `loss` by Keras's rules (`termwise.trainer.outputs`): a Keras loss gives
+        what `keras.Model.evaluate` reports for it. Override it for anything else; the subclass
+        then owns its batch, and no element of it is a sample weight unless it also overrides
+        `sample_weight`:
 
         ```python
         class DenoisingTrainer(tw.Trainer):
@@ -379,34 +386,69 @@ class Trainer(StepMixin):
 
         A trainer with several phases defines `compute_terms(self, batch, training, phase)` and
         returns the terms of that phase.
+
+        Raises:
+            ValueError: (the default) for a batch that is not Keras's structure or has no
+                targets for `loss`, targets or sample weights that do not match the model's
+                outputs, or shapes the loss cannot take; the first line says what was expected
+                and what came.
         """
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        x, y, sample_weight = outputs_lib.unpack_batch(batch, needs_targets=self.loss is not None)
         y_pred = self.model(x, training=training)
         if self.loss is None:
             return {}
-        if not isinstance(self.loss, Mapping):
-            return {"loss": self._per_example(self.loss, y, y_pred)}
-        out = {}
-        for name, fn in self.loss.items():
-            if isinstance(y_pred, Mapping) and name in y_pred:
-                out[name] = self._per_example(fn, y[name], y_pred[name])
-            else:
-                out[name] = self._per_example(fn, y, y_pred)
-        return out
-
-    @staticmethod
-    def _per_example(fn, y_true, y_pred):
-        if isinstance(fn, keras.losses.Loss):
-            # `Loss.__call__` averages over the local batch; `call` gives per-example values,
-            # which the trainer reduces exactly over the global batch.
-            y_true = tf.cast(y_true, y_pred.dtype) if tf.is_tensor(y_pred) else y_true
-            return fn.call(y_true, y_pred)
-        return fn(y_true, y_pred)
+        per_example = self.sample_weight(batch)
+        if per_example is not None:  # the reduction applies them to every per-example term
+            sample_weight = per_example
+        elif type(self).sample_weight is not Trainer.sample_weight:
+            sample_weight = None  # the subclass's sample_weight says there are none
+        elif type(self).compute_terms is not Trainer.compute_terms and sample_weight is not None:
+            raise ValueError(
+                "compute_terms is overridden, so the third element of the batch is not a sample "
+                "weight (Trainer.sample_weight returns None); override sample_weight to return "
+                "the weights to apply: def sample_weight(self, batch): return batch[2]."
+            )
+        return outputs_lib.loss_terms(
+            self.loss,
+            y,
+            y_pred,
+            sample_weight,
+            weighted_outside=per_example is not None,
+            output_names=getattr(self.model, "output_names", None),
+        )
 
     def sample_weight(self, batch) -> tf.Tensor | None:
-        """The per-example weights of a batch: the third element of `(x, y, sample_weight)`."""
-        _, _, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-        return sample_weight
+        """The per-example weights of a batch: every per-example term is weighted by them.
+
+        The reduction multiplies each per-example term (`add_loss` terms and `add_metric`
+        values included) by these [batch] weights before its mean over the batch; scalar terms
+        are not weighted.
+
+        Default: with the default `compute_terms`, the third element of Keras's
+        `(x, y, sample_weight)` when it holds one weight per example ([batch] or [batch, 1]);
+        per-output or per-value weights ([batch, T]) weigh the `loss` terms alone, as Keras's
+        weigh the compiled loss alone, and this returns None. When `compute_terms` is
+        overridden: None, since the subclass owns its batch; override this method to weigh
+        the terms:
+
+        ```python
+        class WeightedTrainer(tw.Trainer):
+            def compute_terms(self, batch, training):
+                x, labels, _ = batch
+                logits = self.model(x, training=training)
+                return {"nll": keras.losses.sparse_categorical_crossentropy(
+                    labels, logits, from_logits=True)}        # [batch]: weighted
+
+            def sample_weight(self, batch):
+                return batch[2]                               # one weight per example
+        ```
+        """
+        if type(self).compute_terms is not Trainer.compute_terms:
+            return None
+        _, _, sample_weight = outputs_lib.unpack_batch(batch)
+        if sample_weight is not None and outputs_lib.is_per_example(sample_weight):
+            return sample_weight
+        return None
 
     def add_metric(self, name: str, value) -> None:
         """Logs `value` under `name` this step; call it inside `compute_terms`.

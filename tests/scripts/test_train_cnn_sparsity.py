@@ -1,11 +1,15 @@
 """scripts/train_cnn_sparsity.py end to end on tiny settings, --help and one-line errors."""
 
+import keras
+import numpy as np
 from script_checks import (
     assert_help_lists,
     assert_one_line_error,
     run_bad_flags_and_help,
     run_script,
 )
+
+from termwise.models import cnn
 
 
 def test_trains_with_penalties_on_named_layers(tmp_path):
@@ -24,6 +28,16 @@ def test_trains_with_penalties_on_named_layers(tmp_path):
     assert "held-out accuracy:" in out.stdout
     assert "below 1e-3: conv2 " in out.stdout and "features " in out.stdout
     assert (tmp_path / "checkpoints").exists()
+    models = {}
+    for name, file in cnn.MODEL_FILES.items():
+        assert f"{name}: {tmp_path / file}" in out.stdout, out.stdout
+        models[name] = keras.models.load_model(tmp_path / file)
+    images = np.random.default_rng(0).random((3, 8, 8, 1)).astype("float32")
+    logits, *activations = models["penalized"](images)
+    np.testing.assert_allclose(models["classifier"](images), logits, rtol=1e-6)  # one network
+    assert logits.shape == (3, 10) and len(activations) == 2  # --sparsity_layers=conv2,features
+    penalties = {layer.name for layer in models["penalized"].layers if layer.losses}
+    assert penalties == {"sparsity_conv2", "sparsity_features", "diversity_logits"}
 
 
 BAD_FLAGS = {  # flag: what its one-line error says

@@ -1,11 +1,15 @@
 """scripts/train_vae.py end to end: a few steps, resume, --help and one-line flag errors."""
 
+import keras
+import numpy as np
 from script_checks import (
     assert_help_lists,
     assert_one_line_error,
     run_bad_flags_and_help,
     run_script,
 )
+
+from termwise.models import vae
 
 
 def test_trains_then_resumes_to_the_total(tmp_path):
@@ -16,11 +20,25 @@ def test_trains_then_resumes_to_the_total(tmp_path):
     assert "held-out negative ELBO" in out.stdout
     assert f"tensorboard --logdir {tmp_path}" in out.stdout
     assert (tmp_path / "samples.png").exists()
+    assert_models_reload(out, tmp_path)
     (again,) = run_script(
         "train_vae", ["--steps=6", f"--log_dir={tmp_path}", "--steps_per_execution=2"]
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Restored" in again.stderr and "step 6/6" in again.stdout
+
+
+def assert_models_reload(out, log_dir):
+    """vae.keras, encoder.keras and decoder.keras: printed, and one trained VAE when reloaded."""
+    models = {}
+    for name, file in vae.MODEL_FILES.items():
+        assert f"{name}: {log_dir / file}" in out.stdout, out.stdout
+        models[name] = keras.models.load_model(log_dir / file)
+    for part in ("encoder", "decoder"):  # the VAE's parts are the trained encoder and decoder
+        for a, b in zip(models["vae"].get_layer(part).weights, models[part].weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    z = np.random.default_rng(0).normal(size=(3, 16)).astype("float32")
+    assert models["decoder"](z).shape == (3, 8, 8, 1)  # digits: 8x8 images, --latent_dim 16
 
 
 BAD_FLAGS = {  # flag: what its one-line error says

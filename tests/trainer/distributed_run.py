@@ -30,6 +30,9 @@ from termwise.trainer import Trainer, balancers  # noqa: E402
 class Scalar(Trainer):
     """Adds a scalar term, which the reduction divides by the number of replicas."""
 
+    def sample_weight(self, batch):  # its batches are Keras's (x, y, sample_weight)
+        return batch[2]
+
     def compute_terms(self, batch, training):
         terms = super().compute_terms(batch, training)
         terms["mean_abs_output"] = tf.reduce_mean(tf.abs(self.model(batch[0], training=training)))

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import linear_model, penalised_model, regression_data, weights_of
+from helpers import linear_model, penalised_model, regression_data
 
 from termwise import losses
 from termwise.trainer import Trainer, balancers
@@ -100,63 +100,6 @@ def test_gradnorm_equalises_training_rates_on_a_toy_problem():
     assert weights[1] > 1.5 > 0.5 > weights[0]
 
 
-def test_pcgrad_hand_computed_and_never_conflicting():
-    b = built(balancers.PCGrad(), 2)
-    g1, g2 = np.array([1.0, 0.0]), np.array([-1.0, 1.0])  # dot -1
-    # g1' = g1 - (-1 / 2) g2 = [0.5, 0.5]; g2' = g2 - (-1 / 1) g1 = [0, 1]; sum [0.5, 1.5].
-    np.testing.assert_allclose(update_of(b, [g1, g2]), [0.5, 1.5], rtol=1e-6)
-    rng = np.random.default_rng(0)
-    checked = 0
-    for step in range(50):
-        g = rng.normal(size=(2, 5))
-        if g[0] @ g[1] >= 0:
-            continue
-        update = update_of(b, g, step)
-        assert update @ g[0] >= -1e-5 and update @ g[1] >= -1e-5
-        checked += 1
-    assert checked > 10
-    g = np.array([[1.0, 0.2, 0.0], [0.5, 1.0, 0.0], [0.0, 0.1, 1.0]])  # no conflict: the sum
-    np.testing.assert_allclose(update_of(built(balancers.PCGrad(), 3), g), g.sum(0), rtol=1e-6)
-
-
-def test_mgda_min_norm_point():
-    g = np.array([[2.0, 0.0], [0.0, 1.0]])
-    # Two gradients: alpha_1 = (g2 - g1).g2 / |g1 - g2|^2 = 1 / 5.
-    weights, _ = run(built(balancers.MGDA(), 2), [1.0, 1.0], gram=g @ g.T)
-    np.testing.assert_allclose(weights, [0.2, 0.8], rtol=1e-5)
-    rng = np.random.default_rng(3)
-    g = rng.normal(size=(3, 4))
-    gram = g @ g.T
-    weights, _ = run(built(balancers.MGDA(iterations=200), 3), [1.0] * 3, gram=gram)
-    assert weights.sum() == pytest.approx(1.0) and weights.min() >= 0
-    grid = np.linspace(0, 1, 201)
-    best = min(
-        np.array([p, q, 1 - p - q]) @ gram @ np.array([p, q, 1 - p - q])
-        for p in grid
-        for q in grid
-        if p + q <= 1
-    )
-    assert weights @ gram @ weights == pytest.approx(best, rel=1e-2, abs=1e-4)
-
-
-def test_aligned_mtl_orthogonalises_with_equal_norms():
-    rng = np.random.default_rng(5)
-    g = rng.normal(size=(3, 6))
-    weights, mixing = run(built(balancers.AlignedMTL(), 3), [1.0] * 3, gram=g @ g.T)
-    np.testing.assert_allclose(weights, 1.0)
-    aligned = mixing @ g
-    eigenvalues, vectors = np.linalg.eigh(g @ g.T)
-    np.testing.assert_allclose(aligned @ aligned.T, eigenvalues.min() * np.eye(3), atol=1e-4)
-    b = np.sqrt(eigenvalues.min()) * vectors @ np.diag(eigenvalues**-0.5) @ vectors.T
-    np.testing.assert_allclose(mixing.sum(0) @ g, b.sum(0) @ g, rtol=1e-4)
-    # Two equal gradients: rank 1, no NaN; the update is along the gradient.
-    g = np.array([[1.0, 2.0], [1.0, 2.0]])
-    weights, mixing = run(built(balancers.AlignedMTL(), 2), [1.0] * 2, gram=g @ g.T)
-    update = mixing.sum(0) @ g
-    assert np.all(np.isfinite(update))
-    assert update @ g[0] / (np.linalg.norm(update) * np.linalg.norm(g[0])) == pytest.approx(1.0)
-
-
 @pytest.mark.parametrize(
     "spec, kind, attributes",
     [
@@ -170,9 +113,6 @@ def test_aligned_mtl_orthogonalises_with_equal_norms():
             balancers.GradNorm,
             {"learning_rate": 0.01, "layer": "hidden"},
         ),
-        ("PCGrad", balancers.PCGrad, {"seed": 0}),
-        ("mgda:30", balancers.MGDA, {"iterations": 30}),
-        ("aligned-mtl", balancers.AlignedMTL, {}),
     ],
 )
 def test_parse(spec, kind, attributes):
@@ -230,39 +170,6 @@ def test_trainer_logs_schedule_times_balancer_weight():
     assert logs["weight/mse"] == pytest.approx(1 / mse, rel=1e-5)
     assert logs["weight/size"] == pytest.approx(0.5 / size, rel=1e-5)
     assert logs["total/train"] == pytest.approx(1.5, rel=1e-5)
-
-
-def test_pcgrad_in_the_trainer_never_conflicts():
-    # Two terms pulling the outputs of two examples up and down: their gradients conflict.
-    # The applied update has a non-negative cosine with each (logged), and equals PCGrad done
-    # by hand.
-    x = np.array([[1.0, 2.0], [0.5, -1.0]], "float32")
-
-    class UpDown(Trainer):
-        def compute_terms(self, batch, training):
-            pred = self.model(batch, training=training)[:, 0]
-            return {"up": tf.square(pred[0] - 2.0), "down": tf.square(pred[1] + 1.0)}
-
-    model = linear_model()
-    t = UpDown(model, keras.optimizers.SGD(0.1), balancer="pcgrad", grad_log_every=1)
-    t.progress = False
-    before = weights_of(model)
-    logs = t.fit(tf.data.Dataset.from_tensors(x), steps=1).last
-    pred = x.sum(1)  # w = [1, 1], b = 0
-    features = np.concatenate([x, np.ones((2, 1))], axis=1)  # d pred / d [w1, w2, b]
-    g_up = 2 * (pred[0] - 2.0) * features[0]
-    g_down = 2 * (pred[1] + 1.0) * features[1]
-    assert g_up @ g_down < 0
-    p_up = g_up - (g_up @ g_down) / (g_down @ g_down) * g_down
-    p_down = g_down - (g_down @ g_up) / (g_up @ g_up) * g_up
-    update = p_up + p_down
-    assert update @ g_up >= 0 and update @ g_down >= 0
-    assert logs["grad_cosine/up"] >= 0 and logs["grad_cosine/down"] >= 0
-    assert logs["grad_conflict/train"] == 1.0
-    kernel, bias = weights_of(model)
-    np.testing.assert_allclose(kernel[:, 0], before[0][:, 0] - 0.1 * update[:2], rtol=1e-5)
-    np.testing.assert_allclose(bias, before[1] - 0.1 * update[2:], rtol=1e-5)
-    assert logs["weight/up"] == 1.0 and logs["weight/down"] == 1.0
 
 
 @pytest.mark.parametrize("spec", ["ema:0.9", "gradnorm:1.5:0.05:hidden"])

@@ -291,9 +291,6 @@ def _gradient_penalty(critic, real, fake, eps):
 class WGANTrainer(Trainer):
     """The keras.io WGAN-GP recipe: critic 3 runs per step, then the generator once."""
 
-    def sample_weight(self, batch):  # TEMPORARY
-        return None
-
     def compute_terms(self, batch, training, phase):
         real, latents, eps = batch
         critic, generator = self.model["critic"], self.model["generator"]

@@ -30,11 +30,20 @@ one module per family of methods (`loss_based`, `gradient_norm`, `surgery`, `min
 
 from __future__ import annotations
 
-from termwise.trainer.balancers import gradient_norm, loss_based, min_norm, surgery
+from termwise.trainer.balancers import (
+    conflict_free,
+    dual_cone,
+    gradient_norm,
+    loss_based,
+    min_norm,
+    surgery,
+)
 from termwise.trainer.balancers.base import Balancer, Form, Weighting
+from termwise.trainer.balancers.conflict_free import IMTLG, ConFIG
+from termwise.trainer.balancers.dual_cone import DualProj, UPGrad
 from termwise.trainer.balancers.gradient_norm import GradNorm
 from termwise.trainer.balancers.loss_based import DWA, EMANormalize, UncertaintyWeighting
-from termwise.trainer.balancers.min_norm import MGDA
+from termwise.trainer.balancers.min_norm import MGDA, CAGrad
 from termwise.trainer.balancers.surgery import AlignedMTL, PCGrad
 
 # name (as `parse` reads it) -> its form; each family's module declares its own.
@@ -43,8 +52,10 @@ _FORMS: dict[str, Form] = {
     **gradient_norm.FORMS,
     **surgery.FORMS,
     **min_norm.FORMS,
+    **dual_cone.FORMS,
+    **conflict_free.FORMS,
 }
-_ALIASES = {"alignedmtl": "aligned_mtl"}
+_ALIASES = {"alignedmtl": "aligned_mtl", "imtlg": "imtl_g"}
 
 FORMS = (*(form.usage for form in _FORMS.values()), "none")
 
@@ -83,13 +94,18 @@ def parse(spec: str | Balancer | None) -> Balancer | None:
 __all__ = [
     "DWA",
     "FORMS",
+    "IMTLG",
     "MGDA",
     "AlignedMTL",
     "Balancer",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
     "EMANormalize",
     "Form",
     "GradNorm",
     "PCGrad",
+    "UPGrad",
     "UncertaintyWeighting",
     "Weighting",
     "parse",
