@@ -26,12 +26,18 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def original(error: BaseException) -> BaseException:
-    """The exception autograph wrapped, or `error` itself when it is not a wrapper."""
-    while getattr(error, "ag_error_metadata", None) is not None:
-        inner = error.__context__
-        if inner is None or type(inner) is not type(error):
-            break
-        error = inner
+    """The exception autograph wrapped, or `error` itself when it is not a wrapper.
+
+    Autograph raises a new exception of the same type whose message starts with "in user
+    code:", with the original as its context; the original (which may itself have been
+    raised from another error) is returned.
+    """
+    while (
+        getattr(error, "ag_error_metadata", None) is not None
+        and str(error).startswith("in user code:")
+        and type(error.__context__) is type(error)
+    ):
+        error = error.__context__
     return error
 
 

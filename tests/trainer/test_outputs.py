@@ -371,15 +371,8 @@ def test_loss_key_naming_no_output_is_refused_before_training():
     message = r"`loss` key 'c' names no output of the model; its outputs are 'a', 'b'"
     with pytest.raises(ValueError, match=message):  # what the Trainer's constructor checks
         options_lib.check_loss({"a": L.mean_squared_error, "c": L.mean_squared_error}, model)
-    x, ya, yb = data()
-    t = Trainer(
-        model, sgd(0.1), loss={"a": L.mean_squared_error, "c": L.mean_squared_error}, progress=False
-    )
-    before = [np.array(w) for w in model.weights]
-    with pytest.raises(ValueError, match=message):
-        t.fit((x, (ya, yb)), steps=1)
-    for w, b in zip(model.weights, before, strict=True):
-        np.testing.assert_array_equal(np.asarray(w), b)
+    with pytest.raises(ValueError, match=message):  # a built model: at construction
+        Trainer(model, sgd(0.1), loss={"a": L.mean_squared_error, "c": L.mean_squared_error})
 
 
 def test_loss_key_naming_no_output_of_a_subclassed_model_fails_in_build():
