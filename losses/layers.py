@@ -22,14 +22,12 @@ hand-written loop. A scalar (a batch statistic) is the same under both rules.
 Saving. Every layer here is registered with Keras under the package `termwise`
 (`termwise>L1ActivitySparsity`), and so are the penalty functions an `ActivityPenalty` may
 hold (`termwise.losses.penalties`), so that a model that holds them reloads with a plain
-`keras.models.load_model(path)` after `import termwise`. The layers of the reference models
-(`termwise.models.vae`, `.lstm`, `.gan`), which `import termwise` does not import, are
-registered here too, by placeholders that import their module on first use.
+`keras.models.load_model(path)` after `import termwise` (which also imports the reference
+models' modules, whose layers register themselves).
 """
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -337,55 +335,3 @@ def penalize(
     return keras.models.clone_model(
         model, clone_function=lambda layer: layer, call_function=call_function
     )
-
-
-class _Deferred:
-    """Registers a class of a module that `import termwise` does not import, until it is.
-
-    Keras finds a saved object's class by its registered name (`termwise>Sample`) and imports
-    the class's module only for Keras's own packages. The reference models' modules are
-    imported on demand, so their classes are registered here by this placeholder: when a saved
-    model needs one, it imports the module, whose decorator registers the class itself in its
-    place, and builds the object with the class's `from_config`.
-    """
-
-    def __init__(self, module: str, name: str):
-        self.module = module
-        self.name = name
-
-    def _resolve(self):
-        importlib.import_module(self.module)
-        # The global registry itself: inside `load_model`, `get_registered_object` would first
-        # look in the custom-object scope that Keras opened before the import, and find this.
-        cls = keras.saving.get_custom_objects().get(f"{PACKAGE}>{self.name}")
-        if cls is None or cls is self:
-            raise TypeError(
-                f"{self.module} does not register {PACKAGE}>{self.name}: a saved model names a "
-                "class that this version of Termwise no longer has."
-            )
-        return cls
-
-    def from_config(self, config):
-        return self._resolve().from_config(config)
-
-    def get_config(self):
-        return {"module": self.module, "name": self.name}
-
-
-# The classes of `termwise.models` that a saved reference model holds, by module.
-_MODEL_CLASSES = {
-    "termwise.models.vae": ("GaussianKL", "Sample"),
-    "termwise.models.lstm": ("LastStep",),
-    "termwise.models.gan": ("Generator",),
-}
-
-
-def _register_model_classes() -> None:
-    """Registers each class of `_MODEL_CLASSES` by a placeholder, unless it is registered."""
-    registry = keras.saving.get_custom_objects()
-    for module, names in _MODEL_CLASSES.items():
-        for name in names:
-            registry.setdefault(f"{PACKAGE}>{name}", _Deferred(module, name))
-
-
-_register_model_classes()

@@ -43,6 +43,12 @@ def _source_checkout() -> list[str]:
 __path__ += [p for p in _source_checkout() if p not in __path__]
 
 from termwise import losses  # noqa: E402
+
+# The reference models' layers register themselves with Keras (`termwise>Sample`, ...) when
+# their modules load, so that a saved VAE, LSTM or GAN reloads after `import termwise` alone.
+from termwise.models import gan as _gan  # noqa: E402, F401
+from termwise.models import lstm as _lstm  # noqa: E402, F401
+from termwise.models import vae as _vae  # noqa: E402, F401
 from termwise.trainer import (  # noqa: E402
     NonFiniteLossError,
     Trainer,

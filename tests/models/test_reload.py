@@ -13,10 +13,10 @@ from termwise.trainer import LossRecorder
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
-# Loads every saved model in a process whose only Termwise import is `termwise` (the reference
-# models' modules are imported on demand, by the load itself), calls each on its inputs under a
-# LossRecorder, and writes its outputs, its add_loss values, and the next draws of its seed
-# generators. It also lists the classes that `import termwise` alone registered.
+# Loads every saved model in a process whose only Termwise import is `termwise` (which imports
+# the reference models' modules, so that their layers are registered), calls each on its inputs
+# under a LossRecorder, and writes its outputs, its add_loss values, and the next draws of its
+# seed generators. It also lists the classes that `import termwise` alone registered.
 LOAD = r"""
 import importlib, inspect, pkgutil, sys
 import numpy as np
@@ -24,7 +24,6 @@ import keras
 import termwise
 from termwise.trainer import LossRecorder
 
-assert not [m for m in sys.modules if m.startswith("termwise.models.")], sys.modules
 registered = {k: v for k, v in keras.saving.get_custom_objects().items()}
 for path in sys.argv[1:]:
     inputs = np.load(path + ".inputs.npy")
