@@ -40,7 +40,9 @@ def _quiet_native_stderr():
 with _quiet_native_stderr():
     import tensorflow as tf
 
-    tf.constant(0.0)  # initialises the devices (and their native log lines) here
+    # Finds the devices (and prints their native log lines) here, without starting the eager
+    # context: MultiWorkerMirroredStrategy must configure collective ops before it starts.
+    tf.config.list_physical_devices()
 
 from termwise.models.config import STRATEGIES, ConfigError, RunConfig  # noqa: E402
 from termwise.trainer import balancers  # noqa: E402
