@@ -142,6 +142,7 @@ class ClusterPreemption(Action):
     """
 
     def __init__(self, strategy, save, on_exit):
+        import atexit
         import shutil
         import signal
         import tempfile
@@ -160,15 +161,13 @@ class ClusterPreemption(Action):
         # The handler's own checkpoint (its call counter) is never written: `save_fn` saves the
         # Trainer's. Its directories are scratch, on this worker only.
         scratch = tempfile.mkdtemp(prefix="termwise-preemption-")
-        try:
-            self.handler = tf.distribute.experimental.PreemptionCheckpointHandler(
-                strategy.cluster_resolver,
-                tf.train.Checkpoint(),
-                os.path.join(scratch, "handler", "checkpoint"),
-                config,
-            )
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        self.handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+            strategy.cluster_resolver,
+            tf.train.Checkpoint(),
+            os.path.join(scratch, "handler", "checkpoint"),
+            config,
+        )
 
     def after_call(self, loop: LoopState) -> None:
         self._step = loop.step

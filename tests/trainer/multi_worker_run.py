@@ -1,7 +1,7 @@
 """Trains a small penalised model as one worker of a cluster, or alone; prints JSON.
 
-TF_CONFIG=... python multi_worker_run.py multi_worker LOG_DIR
-python multi_worker_run.py default LOG_DIR
+TF_CONFIG=... python multi_worker_run.py multi_worker LOG_DIR [UNTIL_STEP]
+python multi_worker_run.py default LOG_DIR [UNTIL_STEP]
 """
 
 import json
@@ -20,7 +20,7 @@ from termwise import losses  # noqa: E402
 from termwise.trainer import Trainer  # noqa: E402
 
 
-def main(kind, log_dir):
+def main(kind, log_dir, until=4):
     if kind == "multi_worker":
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     else:
@@ -45,7 +45,7 @@ def main(kind, log_dir):
         log_every=2,
         progress=False,
     )
-    logs = t.fit(data, until_step=4).last
+    logs = t.fit(data, until_step=until).last
     print(
         json.dumps(
             {
@@ -59,4 +59,4 @@ def main(kind, log_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:]))
