@@ -441,9 +441,11 @@ class Trainer(StepMixin):
 
         `fit` and `evaluate` do this themselves; call it to find a bad term name or `weights`
         key before any training (scripts turn these errors into one-line messages). It runs
-        one eager forward pass per phase on the first batch of `data` with `training=False`
-        and changes no weight (a term that exists only in training is checked when `fit`
-        traces its step).
+        one eager forward pass per phase on the first batch of `data` with `training=False`,
+        then traces (without running) each phase's terms with `training=True`, as `fit` will:
+        so it knows the terms of both modes, accepts a `weights` key for a term that exists
+        only in training, and rejects a layer whose unnamed `add_loss` values differ between
+        the modes. It changes no weight.
 
         Args:
             data: a `tf.data.Dataset` of batches, or arrays, as for `fit`.
@@ -453,8 +455,9 @@ class Trainer(StepMixin):
             Each phase's term names, in the order they are summed.
 
         Raises:
-            ValueError: on duplicate or non-float terms, or a `weights` key naming no term;
-                the message lists the known term names.
+            ValueError: on duplicate or non-float terms, a `weights` key naming no term (the
+                message lists the known term names), or a layer that adds a different number
+                of unnamed `add_loss` values in training and in evaluation.
         """
         validation.positive_int("batch_size", batch_size)
         dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=False)
@@ -462,6 +465,13 @@ class Trainer(StepMixin):
         batch = next(iter(dataset))
         for phase in self.phases.values():
             self._named_terms(phase, batch, training=False)
+
+        def training_terms(batch):  # fit's names and checks, traced only
+            for phase in self.phases.values():
+                self._named_terms(phase, batch, training=True)
+
+        terms_lib.trace_only(training_terms, dataset.element_spec, self.strategy)
+        self._phase_metrics.clear()  # tensors of those passes
         self._check_weight_names()
         self._build_balancers(dataset)  # a bad target layer fails here, before training
         return dict(self.term_names)
@@ -726,8 +736,13 @@ class Trainer(StepMixin):
             batch_size: the batch size for arrays.
 
         Returns:
-            Term name to float, plus `total` (`total/<phase>` with several phases). The values
-            are also logged as `eval/<name>` at the current step.
+            Term name to float, plus `total` (`total/<phase>` with several phases). The names
+            are `fit`'s (see `termwise.trainer.terms`), and the values are also logged as
+            `eval/<name>` at the current step.
+
+        Raises:
+            ValueError: for a term of rank >= 1 that does not lead with the batch axis, or a
+                layer whose unnamed `add_loss` values differ from those it added in training.
         """
         validation.positive_int("batch_size", batch_size)
         dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=False)
@@ -744,18 +759,24 @@ class Trainer(StepMixin):
             for k, v in outputs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
 
-        if per_pass is not None:
-            remaining = per_pass
-            while remaining > 0:
-                count = min(self.steps_per_execution, remaining)
-                add(self._eval_function(iterator, tf.constant(count, tf.int32)))
-                remaining -= count
-        else:
-            while True:
-                try:
-                    add(self._eval_function(iterator, tf.constant(1, tf.int32)))
-                except (tf.errors.OutOfRangeError, StopIteration):
-                    break
+        try:
+            if per_pass is not None:
+                remaining = per_pass
+                while remaining > 0:
+                    count = min(self.steps_per_execution, remaining)
+                    add(self._eval_function(iterator, tf.constant(count, tf.int32)))
+                    remaining -= count
+            else:
+                while True:
+                    try:
+                        add(self._eval_function(iterator, tf.constant(1, tf.int32)))
+                    except (tf.errors.OutOfRangeError, StopIteration):
+                        break
+        except tf.errors.InvalidArgumentError as error:
+            lead = terms_lib.lead_error(error)  # a term not led by the batch axis
+            if lead is None:
+                raise
+            raise lead from None
         examples = sums.pop("examples", 0.0)
         if not examples:
             raise ValueError("`data` for evaluate holds no examples.")
