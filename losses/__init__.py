@@ -2,7 +2,8 @@
 
 Every function returns one value per example ([batch]) unless its docstring says it is a batch
 statistic (a scalar); the Trainer does the reduction, so terms mean the same on any number of
-replicas.
+replicas. A layer names each value it adds with `add_term(self, "name", value)` (the term
+`<layer>/name`, the same in training and evaluation).
 """
 
 from termwise.losses.adversarial import (
@@ -40,6 +41,7 @@ from termwise.losses.penalties import (
     gaussian_moments_kl,
     l1_activity,
 )
+from termwise.trainer.terms import add_term
 
 __all__ = [
     "ActivityPenalty",
@@ -50,6 +52,7 @@ __all__ = [
     "L1ActivitySparsity",
     "SummedPenaltyWarning",
     "add_penalty",
+    "add_term",
     "bernoulli_nll",
     "bernoulli_sparsity_kl",
     "drift_penalty",

@@ -133,7 +133,11 @@ def batches_per_pass(dataset: tf.data.Dataset) -> int | None:
     return cardinality if cardinality >= 0 else None
 
 
-def batch_size_of(batch) -> tf.Tensor:
-    """The leading dimension of the first tensor of a batch (an int32 scalar tensor)."""
+def batch_size_of(batch) -> int | tf.Tensor:
+    """The leading dimension of the first tensor of a batch: an int when it is static, else an
+    int32 scalar tensor."""
     first = tf.nest.flatten(batch)[0]
+    static = first.shape
+    if static.rank and static[0] is not None:
+        return int(static[0])
     return tf.shape(first)[0]

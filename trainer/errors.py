@@ -18,7 +18,7 @@ import contextlib
 import tensorflow as tf
 
 # Messages of the Trainer's in-graph checks start with this (tf.debugging.assert_* messages).
-MARKER = "termwise: "
+MARKER = "termwise: "  # also `terms.ASSERTION_PREFIX`
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,6 +56,11 @@ def clean_errors():
     try:
         yield
     except tf.errors.InvalidArgumentError as error:
+        from termwise.trainer import terms  # the leading-axis check gives its numbers too
+
+        lead = terms.lead_error(error)
+        if lead is not None:
+            raise lead from None
         message = graph_check_message(error)
         if message is None:
             raise

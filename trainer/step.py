@@ -44,17 +44,25 @@ class StepMixin:
     """The replica-context step and the compiled functions that run it (see the module doc)."""
 
     def _phase_terms(self, phase: Phase, batch, training: bool) -> dict[str, tf.Tensor]:
-        """Computes, names, checks and reduces one phase's terms."""
+        """Computes, names, checks and reduces one phase's terms (and its metrics)."""
         merged = self._named_terms(phase, batch, training)
+        sample_weight = self.sample_weight(batch)
+        # The leading axis of every per-example term; static when known (checked at trace time).
+        batch_size = data_lib.batch_size_of(batch)
         metrics = self._phase_metrics.pop(phase.name, {})
         if metrics:  # logged beside the terms, never summed into the total
             self._phase_metrics[phase.name] = terms_lib.reduce_terms(
-                metrics, self.sample_weight(batch)
+                metrics, sample_weight, batch_size, kind="Metric"
             )
-        return terms_lib.reduce_terms(merged, self.sample_weight(batch))
+        return terms_lib.reduce_terms(merged, sample_weight, batch_size)
 
-    def _named_terms(self, phase: Phase, batch, training: bool) -> dict[str, tf.Tensor]:
-        """One phase's terms, named and checked (not reduced); records their names."""
+    def _recorded_terms(self, phase: Phase, batch, training: bool):
+        """One phase's terms, named as in one phase (no phase qualification), not reduced.
+
+        Returns:
+            (term name to tensor, the number of unnamed values each `add_loss` layer added per
+            call: `terms.LossRecorder.positional_counts`).
+        """
         self._metrics = {}
         with terms_lib.LossRecorder() as recorder:
             if self._terms_take_phase:
@@ -68,13 +76,39 @@ class StepMixin:
             )
         regularization = terms_lib.regularization_loss(phase.variables)
         extra = {} if regularization is None else {terms_lib.REGULARIZATION: regularization}
-        merged = terms_lib.merge_terms(user_terms, recorder.terms(), extra)
+        roots = list(self._models.values())  # where a layer's name repeats, its path names it
+        merged = terms_lib.merge_terms(user_terms, recorder.terms(roots), extra)
+        return merged, recorder.positional_counts(roots)
+
+    def _named_terms(self, phase: Phase, batch, training: bool) -> dict[str, tf.Tensor]:
+        """One phase's terms under their final names, checked (not reduced); records the names.
+
+        The names follow the rules of `termwise.trainer.terms`. With several phases, every
+        phase's names in both modes are found first, by tracing them into a scratch graph that
+        never runs (`terms.trace_only`), so that a name two phases share is qualified by its
+        phase from the first trace on.
+        """
+        naming = self._naming
+        missing = naming.missing()
+        if missing:
+
+            def discover(batch):
+                for name, mode in missing:
+                    terms, counts = self._recorded_terms(self.phases[name], batch, mode)
+                    naming.record(name, mode, terms, counts)
+
+            terms_lib.trace_only(discover, terms_lib.spec_of(batch), self.strategy)
+        merged, counts = self._recorded_terms(phase, batch, training)
+        naming.record(phase.name, training, merged, counts)
         if not merged:
             raise ValueError(
                 f"Phase {phase.name!r} has no loss terms: compute_terms returned none and no "
                 "layer called add_loss."
             )
-        self.term_names[phase.name] = tuple(merged)
+        final = naming.final(phase.name, merged)
+        merged = {final[name]: value for name, value in merged.items()}
+        if training or phase.name not in self.term_names:  # the names fit sums and logs
+            self.term_names[phase.name] = tuple(merged)
         clash = sorted(set(self._metrics) & {*merged, "total"})
         if clash:
             raise ValueError(
@@ -85,17 +119,13 @@ class StepMixin:
         return merged
 
     def _check_weight_names(self) -> None:
-        known = sorted({n for names in self.term_names.values() for n in names})
-        unknown = sorted(set(self.weights) - set(known))
-        if unknown:
-            raise ValueError(
-                f"`weights` names terms that do not exist: {unknown}; known term names: {known}."
-            )
+        """Raises if a `weights` key names no term (see `terms.Naming.check_weights`)."""
+        self._naming.check_weights(self.weights)
 
     def _weigh(self, reduced: Mapping[str, tf.Tensor], step: tf.Tensor):
         weights, weighted = {}, {}
         for name, value in reduced.items():
-            fn = self.weights.get(name)
+            fn = self._naming.weight(self.weights, name)  # its own key, else its bare name's
             w = tf.constant(1.0) if fn is None else tf.cast(fn(step), tf.float32)
             weights[name] = w
             weighted[name] = w * value

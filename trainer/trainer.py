@@ -275,6 +275,7 @@ class Trainer(StepMixin):
             self._stop = self._counter("stop_requested", tf.bool)  # set by a signal; not saved
             self.seed_generator = keras.random.SeedGenerator(seed, name="trainer_seed")
         self._window = Window()
+        self._naming = terms_lib.Naming(self.phases)  # term names across phases and modes
         self.term_names: dict[str, tuple[str, ...]] = {}
         self._metrics: dict[str, tf.Tensor] = {}  # add_metric values of the current trace
         self._phase_metrics: dict[str, dict[str, tf.Tensor]] = {}
@@ -531,9 +532,11 @@ class Trainer(StepMixin):
 
         `fit` and `evaluate` do this themselves; call it to find a bad term name or `weights`
         key before any training (scripts turn these errors into one-line messages). It runs
-        one eager forward pass per phase on the first batch of `data` with `training=False`
-        and changes no weight (a term that exists only in training is checked when `fit`
-        traces its step).
+        one eager forward pass per phase on the first batch of `data` with `training=False`,
+        then traces (without running) each phase's terms with `training=True`, as `fit` will:
+        so it knows the terms of both modes, accepts a `weights` key for a term that exists
+        only in training, and rejects a layer whose unnamed `add_loss` values differ between
+        the modes. It changes no weight.
 
         Args:
             data: a `tf.data.Dataset` of batches, or arrays, as for `fit`.
@@ -543,8 +546,9 @@ class Trainer(StepMixin):
             Each phase's term names, in the order they are summed.
 
         Raises:
-            ValueError: on duplicate or non-float terms, or a `weights` key naming no term;
-                the message lists the known term names.
+            ValueError: on duplicate or non-float terms, a `weights` key naming no term (the
+                message lists the known term names), or a layer that adds a different number
+                of unnamed `add_loss` values in training and in evaluation.
         """
         validation.positive_int("batch_size", batch_size)
         dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=False)
@@ -553,6 +557,13 @@ class Trainer(StepMixin):
             batch = data_lib.first_batch(dataset, "data")
             for phase in self.phases.values():
                 self._named_terms(phase, batch, training=False)
+
+            def training_terms(batch):  # fit's names and checks, traced only
+                for phase in self.phases.values():
+                    self._named_terms(phase, batch, training=True)
+
+            terms_lib.trace_only(training_terms, dataset.element_spec, self.strategy)
+            self._phase_metrics.clear()  # tensors of those passes
             self._check_weight_names()
             self._build_balancers(dataset)  # a bad target layer fails here, before training
         return dict(self.term_names)
@@ -930,8 +941,13 @@ class Trainer(StepMixin):
             batch_size: the batch size for arrays.
 
         Returns:
-            Term name to float, plus `total` (`total/<phase>` with several phases). The values
-            are also logged as `eval/<name>` at the current step.
+            Term name to float, plus `total` (`total/<phase>` with several phases). The names
+            are `fit`'s (see `termwise.trainer.terms`), and the values are also logged as
+            `eval/<name>` at the current step.
+
+        Raises:
+            ValueError: for a term of rank >= 1 that does not lead with the batch axis, or a
+                layer whose unnamed `add_loss` values differ from those it added in training.
         """
         validation.positive_int("batch_size", batch_size)
         dataset = data_lib.as_dataset(data, batch_size=batch_size, shuffle=False)
