@@ -340,14 +340,15 @@ class Trainer(StepMixin):
     def phase_variables(self, phase: str) -> list:
         """The variables a phase updates.
 
-        Default: with one model, all its trainable variables; with a dict of models, the
-        trainable variables of `model[phase]`. Override it for any other split.
+        Default: with one phase, every model's trainable variables; with several phases and a
+        dict of models, the trainable variables of `model[phase]`. Override it for any other
+        split.
 
         Raises:
-            ValueError: with a dict of models, for a phase that names none of them (which would
-                otherwise train every model).
+            ValueError: with several phases and a dict of models, for a phase that names none of
+                them (which would otherwise train every model).
         """
-        if len(self._models) > 1:
+        if len(self._models) > 1 and len(self.phases) > 1:
             if phase not in self._models:
                 raise ValueError(
                     f"Phase {phase!r} names no model: the phases are {list(self.phases)} and the "

@@ -110,7 +110,7 @@ def test_named_values_keep_their_names_in_fit_and_evaluate():
     pred = x.astype("float64").sum(1)
     mse = np.mean((pred - y[:, 0]) ** 2)
     smoothness, scale, offset = np.mean(np.abs(pred)), np.mean(pred**2), np.mean(pred)
-    logs = t.fit((x, y), steps=1, batch_size=16)
+    logs = t.fit((x, y), steps=1, batch_size=16).last
     assert logs["loss/twopen/smoothness"] == pytest.approx(smoothness, rel=1e-5)
     assert logs["weight/twopen/smoothness"] == 0.5 and logs["weight/twopen/offset"] == 1.0
     assert logs["total/train"] == pytest.approx(
@@ -175,7 +175,7 @@ def test_a_name_in_two_phases_is_qualified_by_phase(tmp_path):
         expected[f"{phase}/regularization"] = l2 * np.sum(kernel**2)
     first_only = np.mean(np.abs(x64).sum(1))
 
-    logs = t.fit((x, y), steps=1, batch_size=16)
+    logs = t.fit((x, y), steps=1, batch_size=16).last
     for name, value in expected.items():
         assert logs[f"loss/{name}"] == pytest.approx(value, rel=1e-5), name
     assert logs["loss/first_only"] == pytest.approx(first_only, rel=1e-5)
@@ -264,7 +264,7 @@ def test_repeated_layer_names_are_named_by_their_path(tmp_path):
         **QUIET,
     )
     assert t.build((x, y)) == {"train": ("loss", "enc_a/kl", "enc_b/kl")}
-    logs = t.fit((x, y), steps=1, batch_size=32)
+    logs = t.fit((x, y), steps=1, batch_size=32).last
     result = t.evaluate((x, y), batch_size=32)
     for name in ("enc_a", "enc_b"):
         assert logs[f"loss/{name}/kl"] == pytest.approx(kl_of(model, name, x), rel=1e-5)
