@@ -9,7 +9,7 @@ variables, which the Trainer checkpoints), then called once per step inside the 
     weighting.updates   # (variable, new value) pairs, assigned only if the step is applied
 
 * Loss-based balancers (`needs_gradients = False`: `EMANormalize`, `UncertaintyWeighting`,
-  `DWA`) see only the values, and the step takes one backward pass of the weighted total.
+  `DWA`, `FAMO`) see only the values, and the step takes one backward pass of the weighted total.
 * Gradient-based balancers (`needs_gradients = True`: `GradNorm`, `PCGrad`, `MGDA`,
   `AlignedMTL`) also get the Gramian ``G_ij = g_i . g_j`` of the per-term gradients
   ``g_i = d(schedule_i L_i)/d theta`` over their target (the phase's variables, or those of the
@@ -18,6 +18,8 @@ variables, which the Trainer checkpoints), then called once per step inside the 
   weights at 1 and change the gradients instead, but their modified gradients are linear
   combinations of the g_i, ``g_i' = sum_k C_ik g_k``: they return the mixing matrix C, and the
   update is ``sum_i g_i' = sum_k (1'C)_k g_k``. No gradient is ever concatenated or copied.
+  `NashMTL` and `FairGrad` (module `bargaining`) solve a small nonlinear system on the Gramian.
+  `DBMTL` keeps averaged past gradients (`needs_stacks`) and returns the update itself.
 
 Values and Gramians are global (all-reduced across replicas) and every computation here is
 deterministic (PCGrad's random order is a stateless function of the step), so all replicas
@@ -31,6 +33,7 @@ one module per family of methods (`loss_based`, `gradient_norm`, `surgery`, `min
 from __future__ import annotations
 
 from termwise.trainer.balancers import (
+    bargaining,
     conflict_free,
     dual_cone,
     gradient_norm,
@@ -38,11 +41,12 @@ from termwise.trainer.balancers import (
     min_norm,
     surgery,
 )
+from termwise.trainer.balancers.bargaining import FairGrad, NashMTL
 from termwise.trainer.balancers.base import Balancer, Form, Weighting
 from termwise.trainer.balancers.conflict_free import IMTLG, ConFIG
 from termwise.trainer.balancers.dual_cone import DualProj, UPGrad
-from termwise.trainer.balancers.gradient_norm import GradNorm
-from termwise.trainer.balancers.loss_based import DWA, EMANormalize, UncertaintyWeighting
+from termwise.trainer.balancers.gradient_norm import DBMTL, GradNorm
+from termwise.trainer.balancers.loss_based import DWA, FAMO, EMANormalize, UncertaintyWeighting
 from termwise.trainer.balancers.min_norm import MGDA, CAGrad
 from termwise.trainer.balancers.surgery import AlignedMTL, PCGrad
 
@@ -54,8 +58,14 @@ _FORMS: dict[str, Form] = {
     **min_norm.FORMS,
     **dual_cone.FORMS,
     **conflict_free.FORMS,
+    **bargaining.FORMS,
 }
-_ALIASES = {"alignedmtl": "aligned_mtl", "imtlg": "imtl_g"}
+_ALIASES = {
+    "alignedmtl": "aligned_mtl",
+    "imtlg": "imtl_g",
+    "nashmtl": "nash_mtl",
+    "dbmtl": "db_mtl",
+}
 
 FORMS = (*(form.usage for form in _FORMS.values()), "none")
 
@@ -92,7 +102,9 @@ def parse(spec: str | Balancer | None) -> Balancer | None:
 
 
 __all__ = [
+    "DBMTL",
     "DWA",
+    "FAMO",
     "FORMS",
     "IMTLG",
     "MGDA",
@@ -102,8 +114,10 @@ __all__ = [
     "ConFIG",
     "DualProj",
     "EMANormalize",
+    "FairGrad",
     "Form",
     "GradNorm",
+    "NashMTL",
     "PCGrad",
     "UPGrad",
     "UncertaintyWeighting",

@@ -368,10 +368,12 @@ def alpha_fair_weights(
     ``phi(b) - phi(b*) >= |d - d*|^2 / 2`` and the gap is ``sum_i a_i Gamma(z_i)`` with
     ``z_i = b_i^p (C b)_i / e_i`` (1 at the solution), ``a_i = e_i b_i^(1-p)``,
     ``Gamma(z) = z - 1 - log z`` (p = 1) or ``z - 1/(1-p) + p/(1-p) z^(1 - 1/p)``; the test
-    ``2 gap <= tolerance^2 |d|^2 + 8 eps T b'|C|b`` (the second term: what float64 can resolve)
-    makes the returned update's direction exact to `tolerance`, whatever the weights of the
-    terms that barely count. It typically takes 3 to 10 steps (up to about 40 for alpha >= 10
-    with gradients 1e6 apart in size).
+    ``2 gap <= tolerance^2 |d|^2 + 2 r`` makes the returned update's direction exact to
+    `tolerance`, whatever the weights of the terms that barely count. r is what float64
+    rounding of the gains ``(C b)_i`` (to ``delta_i = 4 eps T (|C| b)_i``) can change in the
+    gap, ``sum_i a_i |z_i Gamma'(z_i)| min(1, delta_i / (C b)_i)``: it matters only where a
+    gain is a small difference of large parts. It typically takes 3 to 10 steps (up to about
+    40 for alpha >= 10 with gradients 1e6 apart in size).
 
     A zero gradient (squared norm at most `ZERO_NORM_RTOL` times the largest) takes no part
     and gets weight 0; all-zero gradients give all-zero weights. The system has a solution
@@ -432,8 +434,15 @@ def alpha_fair_weights(
         if p <= 1.0:  # the gap is infinite unless every gain is positive
             terms = tf.where(gains > 0.0, terms, inf)
         gap = tf.reduce_sum(tf.where(present, terms, 0.0))
-        resolution = tf.reduce_sum(mask * beta * tf.linalg.matvec(tf.abs(unit), beta))
-        converged = 2.0 * gap <= tolerance**2 * squared + 8.0 * _EPS64 * count * resolution
+        # What rounding alone can change in the gap: gain i is known to about delta_i, which
+        # moves its term by a_i z Gamma'(z) delta_i / gain_i (Gamma'(z) = 1 - z^(-1/p)).
+        delta = 4.0 * _EPS64 * count * tf.linalg.matvec(tf.abs(unit), beta)
+        ratio = tf.where(gains > delta, delta / tf.where(gains > delta, gains, 1.0), 1.0)
+        slope = tf.abs(tf.math.expm1(log_z) - tf.math.expm1((1.0 - 1.0 / p) * log_z))
+        slope = tf.where(tf.math.is_finite(slope), slope, 0.0)
+        rounding = tf.exp(log_e + (1.0 - p) * log_beta) * slope * ratio
+        rounding = tf.reduce_sum(tf.where(present, rounding, 0.0))
+        converged = 2.0 * gap <= tolerance**2 * squared + 2.0 * rounding
         cancellation = tf.reduce_sum(mask * beta) / tf.sqrt(tf.maximum(squared, 1e-300))
         return converged, cancellation, gains
 
