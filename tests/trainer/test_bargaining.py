@@ -248,7 +248,7 @@ def test_nash_mtl_in_the_trainer_two_terms_closed_form():
     model = linear_model()
     t = UpDown(model, keras.optimizers.SGD(0.1), balancer="nash_mtl:1:0.5", progress=False)
     before = np.concatenate([w.reshape(-1) for w in weights_of(model)])
-    logs = t.fit(tf.data.Dataset.from_tensors(x), steps=1)
+    logs = t.fit(tf.data.Dataset.from_tensors(x), steps=1).last
     after = np.concatenate([w.reshape(-1) for w in weights_of(model)])
     features = np.concatenate([x, np.ones((2, 1))], axis=1).astype(np.float64)
     pred = features @ before
@@ -303,7 +303,7 @@ def test_fairgrad_in_the_trainer():
     model = linear_model()
     t = UpDown(model, keras.optimizers.SGD(0.01), balancer="fairgrad:2", progress=False)
     before = np.concatenate([w.reshape(-1) for w in weights_of(model)])
-    logs = t.fit(tf.data.Dataset.from_tensors(x), steps=1)
+    logs = t.fit(tf.data.Dataset.from_tensors(x), steps=1).last
     after = np.concatenate([w.reshape(-1) for w in weights_of(model)])
     features = np.concatenate([x, np.ones((2, 1))], axis=1).astype(np.float64)
     pred = features @ before

@@ -180,7 +180,7 @@ def test_famo_in_the_trainer_weighs_by_its_reference():
     data = tf.data.Dataset.from_tensors(x).repeat()
     seen, weights = [], []
     for _ in range(4):
-        logs = t.fit(data, steps=1)
+        logs = t.fit(data, steps=1).last
         seen.append([logs["loss/up"], logs["loss/down"]])
         weights.append([logs["weight/up"], logs["weight/down"]])
     expected = famo_reference(np.array(seen, np.float64), learning_rate=0.1)
