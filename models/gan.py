@@ -36,13 +36,17 @@ from absl import logging
 
 from termwise import losses
 from termwise.models import data as data_lib
+from termwise.models import fid as fid_lib
 from termwise.models import images as images_lib
 from termwise.models.config import RunConfig, check_known, config_errors, set_up, trainer_options
 from termwise.trainer import Trainer
 
 ADVERSARIAL_LOSSES = ("nonsaturating", "wgan_gp")
 FEATURE_MATCHING = ("l2", "l1", "none")
+GENERATOR_NORMS = ("pixel", "batch")
 PHASES = ("discriminator", "generator")  # the run order within a step
+GENERATOR_FILE = "generator.keras"  # in the run directory, written at the end of a job
+DISCRIMINATOR_FILE = "discriminator.keras"
 
 
 def _conv_layout(image_shape) -> tuple[int, int] | None:
@@ -53,23 +57,37 @@ def _conv_layout(image_shape) -> tuple[int, int] | None:
     return None
 
 
-def _generator_network(image_shape, latent_dim: int, width: int) -> keras.Model:
+def _normalization(norm: str) -> keras.layers.Layer:
+    if norm == "pixel":
+        return keras.layers.RMSNormalization(axis=-1, epsilon=1e-8)
+    return keras.layers.BatchNormalization()
+
+
+def _generator_network(image_shape, latent_dim: int, width: int, norm: str) -> keras.Model:
     """DCGAN generator (Radford et al. 2016): dense, then two stride-2 transposed convolutions
-    with batch norm and ReLU, to sigmoid pixels in [0, 1]."""
+    with normalization and ReLU, to sigmoid pixels in [0, 1].
+
+    `norm="pixel"`: each position's feature vector is divided by its root mean square (the
+    pixelwise feature normalization of Karras et al. 2018, with a learned scale), per example;
+    `"batch"`: batch norm (Ioffe & Szegedy 2015), as in DCGAN."""
     latents = keras.Input((latent_dim,), name="z")
     start = _conv_layout(image_shape)
     if start is None:
         h = keras.layers.Dense(4 * width, use_bias=False)(latents)
-        h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+        h = keras.layers.ReLU()(_normalization(norm)(h))
         h = keras.layers.Dense(int(np.prod(image_shape)), activation="sigmoid", dtype="float32")(h)
         images = keras.layers.Reshape(image_shape)(h)
         return keras.Model(latents, images, name="generator_network")
     h = keras.layers.Dense(start[0] * start[1] * 4 * width, use_bias=False)(latents)
-    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
-    h = keras.layers.Reshape((*start, 4 * width))(h)
+    if norm == "pixel":  # over each position's channels
+        h = keras.layers.Reshape((*start, 4 * width))(h)
+        h = keras.layers.ReLU()(_normalization(norm)(h))
+    else:
+        h = keras.layers.ReLU()(_normalization(norm)(h))
+        h = keras.layers.Reshape((*start, 4 * width))(h)
     for filters in (2 * width, width):
         h = keras.layers.Conv2DTranspose(filters, 4, strides=2, padding="same", use_bias=False)(h)
-        h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+        h = keras.layers.ReLU()(_normalization(norm)(h))
     images = keras.layers.Conv2D(
         image_shape[-1], 3, padding="same", activation="sigmoid", dtype="float32"
     )(h)
@@ -88,6 +106,12 @@ class Generator(keras.Model):
         latent_dim: size of z.
         width: channels of the last hidden layer (the first has 4x as many).
         seed: seed of `seed_generator`, the GAN's source of noise inside the compiled step.
+        norm: the hidden layers' normalization: "pixel" (per example, no batch statistics:
+            a sample does not depend on its batch, and an average of the weights needs no
+            recomputed statistics) or "batch" (batch norm, DCGAN's).
+
+    Raises:
+        ValueError: for an unknown `norm`.
     """
 
     def __init__(
@@ -96,15 +120,19 @@ class Generator(keras.Model):
         latent_dim: int = 32,
         width: int = 32,
         seed: int | None = None,
+        norm: str = "pixel",
         **kwargs,
     ):
+        if norm not in GENERATOR_NORMS:
+            raise ValueError(f"`norm` ({norm!r}) must be one of {', '.join(GENERATOR_NORMS)}.")
         kwargs.setdefault("name", "generator")
         super().__init__(**kwargs)
         self.image_shape = tuple(int(n) for n in image_shape)
         self.latent_dim = int(latent_dim)
         self.width = int(width)
         self.seed = seed
-        self.network = _generator_network(self.image_shape, self.latent_dim, self.width)
+        self.norm = norm
+        self.network = _generator_network(self.image_shape, self.latent_dim, self.width, norm)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.build((None, self.latent_dim))
 
@@ -115,6 +143,7 @@ class Generator(keras.Model):
             "latent_dim": self.latent_dim,
             "width": self.width,
             "seed": self.seed,
+            "norm": self.norm,
         }
 
     @classmethod
@@ -183,15 +212,28 @@ def build_gan(
     width: int = 32,
     drift: float = 0.0,
     seed: int | None = None,
+    generator_norm: str = "pixel",
 ) -> tuple[Generator, keras.Model]:
     """Builds (generator, discriminator); see `Generator` and `build_discriminator`."""
-    generator = Generator(image_shape, latent_dim, width, seed=seed)
+    generator = Generator(image_shape, latent_dim, width, seed=seed, norm=generator_norm)
     return generator, build_discriminator(image_shape, width, drift)
 
 
-def gan_optimizer(learning_rate: float, beta_1: float = 0.5) -> keras.optimizers.Optimizer:
-    """Adam(learning_rate, beta_1=0.5) as in DCGAN, loss-scaled under float16."""
-    optimizer = keras.optimizers.Adam(learning_rate, beta_1=beta_1)
+def gan_optimizer(
+    learning_rate: float, beta_1: float = 0.5, ema_momentum: float | None = None
+) -> keras.optimizers.Optimizer:
+    """Adam(learning_rate, beta_1=0.5) as in DCGAN, loss-scaled under float16.
+
+    With `ema_momentum`, the optimizer also keeps an exponential moving average of the weights
+    it updates, avg <- m avg + (1 - m) w after every update (Keras's `use_ema`; for a generator,
+    Karras et al. 2018, Yazici et al. 2019): optimizer variables, so checkpoints hold them.
+    """
+    if ema_momentum is None:
+        optimizer = keras.optimizers.Adam(learning_rate, beta_1=beta_1)
+    else:
+        optimizer = keras.optimizers.Adam(
+            learning_rate, beta_1=beta_1, use_ema=True, ema_momentum=ema_momentum
+        )
     if keras.mixed_precision.global_policy().compute_dtype == "float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -320,6 +362,26 @@ def fixed_latents(latent_dim: int, seed: int, count: int = 64) -> np.ndarray:
     return np.random.default_rng([seed, 7]).standard_normal((count, latent_dim)).astype("float32")
 
 
+def generate(generator: Generator, latents: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """G(latents) in inference mode, as float32 images [n, h, w, c], in batches."""
+    parts = [
+        tf.cast(generator(latents[i : i + batch_size], training=False), tf.float32).numpy()
+        for i in range(0, len(latents), batch_size)
+    ]
+    return np.concatenate(parts)
+
+
+def write_fid(
+    trainer: GANTrainer, scorer: fid_lib.FIDScorer, latents: np.ndarray, step: int
+) -> float:
+    """The FID of G(latents) to the held-out split; logs `eval/fid` and `eval/fid_floor`."""
+    score = scorer.score(generate(trainer.generator, latents))
+    if trainer.writer is not None:
+        trainer.writer.scalars(step, {"eval/fid": score, "eval/fid_floor": scorer.floor})
+        trainer.writer.flush()
+    return score
+
+
 def write_samples(trainer: GANTrainer, latents: np.ndarray, log_dir: str, step: int) -> str | None:
     """Writes G(latents) as a grid: TensorBoard `images/samples` and `samples.png`.
 
@@ -343,35 +405,44 @@ def train_and_evaluate(
     loss: str = "nonsaturating",
     latent_dim: int = 32,
     width: int = 32,
+    generator_norm: str = "pixel",
     r1_gamma: float = 0.1,
     gp_weight: float = 10.0,
     feature_matching: str = "l2",
     drift: float = 0.0,
     discriminator_learning_rate: float | None = None,
+    ema_momentum: float | None = 0.999,
     sample_every: int = 1000,
 ) -> dict[str, float]:
     """Trains a GAN on `config.dataset` up to `config.steps`, then evaluates its terms held out.
 
     Writes to `config.log_dir`: TensorBoard scalars, `images/samples` (G on fixed latents)
-    every `sample_every` steps and at the end, `samples.png`, and checkpoints (a rerun of the
-    same command resumes and finishes the same job).
+    and `eval/fid`, `eval/fid_floor` (`termwise.models.fid`; `fid.FIDScorer.num_samples`
+    images from other fixed latents against the held-out split, for labelled data) every
+    `sample_every` steps and at the end, `samples.png`, checkpoints (a rerun of the same
+    command resumes and finishes the same job), the FID classifier, and at the end
+    `generator.keras` and `discriminator.keras`. With `ema_momentum` the samples, the FID
+    and `generator.keras` come from the generator's averaged weights.
 
     Args:
         config: the common run options (`learning_rate` is the generator's).
         loss: "nonsaturating" or "wgan_gp".
         latent_dim: size of z.
         width: the networks' base number of channels.
+        generator_norm: "pixel" or "batch" (see `Generator`).
         r1_gamma: gamma of the R1 penalty (0: off).
         gp_weight: lambda of the WGAN-GP gradient penalty.
         feature_matching: "l2", "l1" or "none".
         drift: epsilon of D's drift penalty (0: no `drift` layer).
         discriminator_learning_rate: D's Adam learning rate (default: `config.learning_rate`).
-        sample_every: steps between sample images (0: only at the end).
+        ema_momentum: momentum of the moving average of G's weights (None: no average).
+        sample_every: steps between sample images and FID scores (0: only at the end).
 
     Returns:
         Each term's held-out value (real test images against fresh samples), `total/<phase>`,
         `d_accuracy` (the share of test and generated images D classifies right; non-saturating
-        loss only), and `step`, the global step reached.
+        loss only), `step`, the global step reached, and for labelled data `fid`, `fid_floor`,
+        `fid_classifier_accuracy` (its held-out accuracy) and `fid_samples`.
 
     Raises:
         ConfigError: for bad options or data, before any training.
@@ -380,6 +451,7 @@ def train_and_evaluate(
     with config_errors():
         check_known("loss", loss, ADVERSARIAL_LOSSES)
         check_known("feature_matching", feature_matching, FEATURE_MATCHING)
+        check_known("generator_norm", generator_norm, GENERATOR_NORMS)
         for flag, value in (("latent_dim", latent_dim), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"--{flag} ({value!r}) must be a positive integer.")
@@ -392,24 +464,28 @@ def train_and_evaluate(
             )
         if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 0:
             raise ValueError(f"--sample_every ({sample_every!r}) must be a non-negative integer.")
+        if ema_momentum is not None and not 0 <= ema_momentum < 1:
+            raise ValueError(f"--ema_momentum ({ema_momentum!r}) must be in [0, 1).")
         split = data_lib.load_images(config.dataset, seed=config.seed)
         with strategy.scope():
             generator, discriminator = build_gan(
-                split.image_shape, latent_dim, width, drift, seed=config.seed
+                split.image_shape, latent_dim, width, drift, config.seed, generator_norm
             )
             optimizer = {
                 "discriminator": gan_optimizer(discriminator_learning_rate or config.learning_rate),
-                "generator": gan_optimizer(config.learning_rate),
+                "generator": gan_optimizer(config.learning_rate, ema_momentum=ema_momentum),
             }
         hparams = {
             "loss": loss,
             "latent_dim": latent_dim,
             "width": width,
+            "generator_norm": generator_norm,
             "r1_gamma": r1_gamma,
             "gp_weight": gp_weight,
             "feature_matching": feature_matching,
             "drift": drift,
             "discriminator_learning_rate": discriminator_learning_rate or config.learning_rate,
+            "ema_momentum": ema_momentum if ema_momentum is not None else "none",
         }
         trainer = GANTrainer(
             {"generator": generator, "discriminator": discriminator},
@@ -422,6 +498,11 @@ def train_and_evaluate(
         )
         test = data_lib.batches(split.x_test, config.batch_size, shuffle=False, seed=config.seed)
         trainer.build(test)
+    scorer = None
+    if split.y_train is not None:  # the FID classifier needs labels
+        chief = trainer.writer is not None  # only the chief writes files
+        scorer = fid_lib.fid_scorer(split, config.log_dir, write=chief, seed=config.seed)
+        fid_latents = fixed_latents(latent_dim, config.seed + 1, count=scorer.num_samples)
     train = data_lib.batches(split.x_train, config.batch_size, shuffle=True, seed=config.seed)
     latents = fixed_latents(latent_dim, config.seed)
     while trainer.step < config.steps:
@@ -431,9 +512,19 @@ def train_and_evaluate(
         trainer.fit(train, until_step=stop)
         if trainer.step < config.steps:
             write_samples(trainer, latents, config.log_dir, trainer.step)
+            if scorer is not None:
+                write_fid(trainer, scorer, fid_latents, trainer.step)
     path = write_samples(trainer, latents, config.log_dir, trainer.step)
     results = trainer.evaluate(test)
     results["step"] = float(trainer.step)
+    if scorer is not None:
+        results["fid"] = write_fid(trainer, scorer, fid_latents, trainer.step)
+        results["fid_floor"] = scorer.floor
+        results["fid_classifier_accuracy"] = scorer.held_out_accuracy
+        results["fid_samples"] = float(scorer.num_samples)
+    if trainer.writer is not None:
+        generator.save(os.path.join(config.log_dir, GENERATOR_FILE))
+        discriminator.save(os.path.join(config.log_dir, DISCRIMINATOR_FILE))
     logging.info(
         "Step %d: held-out d_adversarial %.3f, g_adversarial %.3f; samples in %s",
         trainer.step,

@@ -26,6 +26,7 @@ from absl import logging
 
 from termwise import losses
 from termwise.models import data as data_lib
+from termwise.models import fid as fid_lib
 from termwise.models import images as images_lib
 from termwise.models.config import RunConfig, config_errors, make_optimizer, set_up, trainer_options
 from termwise.trainer import Trainer, schedules
@@ -202,7 +203,11 @@ def train_and_evaluate(
         kl_warmup: the KL's weight schedule when `config.weights` gives none for `kl`.
 
     Returns:
-        The held-out `reconstruction`, `kl` and `negative_elbo` (nats per image), and `total`.
+        The held-out `reconstruction`, `kl` and `negative_elbo` (nats per image), and `total`;
+        for labelled data also `fid`, `fid_floor`, `fid_classifier_accuracy` and `fid_samples`:
+        the FID (`termwise.models.fid`) of that many samples from the prior (the decoder's
+        means, sigmoid(logits), as in samples.png) against the held-out split, also logged as
+        `eval/fid` and `eval/fid_floor`.
 
     Raises:
         ConfigError: for bad options or data, before any training.
@@ -235,8 +240,18 @@ def train_and_evaluate(
     results = trainer.evaluate(test)
     results["negative_elbo"] = results["reconstruction"] + results["kl"]
     step = trainer.step
+    scalars = {"eval/negative_elbo": results["negative_elbo"]}
+    if split.y_train is not None:  # the FID classifier needs labels
+        chief = trainer.writer is not None  # only the chief writes files
+        scorer = fid_lib.fid_scorer(split, config.log_dir, write=chief, seed=config.seed)
+        z = tf.random.stateless_normal([scorer.num_samples, latent_dim], seed=[config.seed, 2])
+        samples = tf.sigmoid(tf.cast(decoder(z, training=False), tf.float32)).numpy()
+        results["fid"], results["fid_floor"] = scorer.score(samples), scorer.floor
+        results["fid_classifier_accuracy"] = scorer.held_out_accuracy
+        results["fid_samples"] = float(scorer.num_samples)
+        scalars.update({"eval/fid": results["fid"], "eval/fid_floor": scorer.floor})
     if trainer.writer is not None:
-        trainer.writer.scalars(step, {"eval/negative_elbo": results["negative_elbo"]})
+        trainer.writer.scalars(step, scalars)
         _write_images(trainer, encoder, decoder, split.x_test, latent_dim, config, step)
         trainer.writer.flush()
     _save_models(trainer, config.log_dir, {"vae": vae, "encoder": encoder, "decoder": decoder})

@@ -42,6 +42,13 @@ def main():
         f"held-out negative ELBO: {results['negative_elbo']:.2f} nats per image "
         f"(reconstruction {results['reconstruction']:.2f} + KL {results['kl']:.2f})"
     )
+    if "fid" in results:
+        print(
+            f"FID {results['fid']:.3f} (floor {results['fid_floor']:.3f}): "
+            f"{int(results['fid_samples'])} samples from the prior against the held-out images, "
+            f"in the features of a classifier of held-out accuracy "
+            f"{results['fid_classifier_accuracy']:.4f}"
+        )
     print(f"samples: {FLAGS.log_dir}/samples.png")
     for name, file in vae.MODEL_FILES.items():
         print(f"{name}: {os.path.join(FLAGS.log_dir, file)}")

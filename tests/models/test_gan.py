@@ -5,16 +5,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from termwise.models import gan
+from termwise.models import data, fid, gan
+from termwise.trainer import summaries
 
 IMAGES = np.random.default_rng(0).uniform(size=(16, 8, 8, 1)).astype("float32")
 
 
-def make_trainer(d_lr=1e-3, g_lr=1e-3, drift=0.0, latent_dim=4, **options):
+def make_trainer(d_lr=1e-3, g_lr=1e-3, drift=0.0, latent_dim=4, ema_momentum=None, **options):
     generator, discriminator = gan.build_gan((8, 8, 1), latent_dim, width=4, drift=drift, seed=1)
     optimizer = {
         "discriminator": keras.optimizers.Adam(d_lr),
-        "generator": keras.optimizers.Adam(g_lr),
+        "generator": gan.gan_optimizer(g_lr, ema_momentum=ema_momentum)
+        if ema_momentum
+        else keras.optimizers.Adam(g_lr),
     }
     model = {"generator": generator, "discriminator": discriminator}
     return gan.GANTrainer(model, optimizer, progress=False, log_every=0, **options)
@@ -69,7 +72,7 @@ def test_drift_sums_the_real_and_the_fake_call():
     expected = np.mean(softplus(-d_real) + softplus(d_fake))
     assert result["d_adversarial"] == pytest.approx(expected, rel=1e-5)
 
-    # In training the generator's batch norm uses the batch's statistics.
+    # After an update, in training mode.
     logs = t.fit(tf.data.Dataset.from_tensors(real), steps=1)
     fake = np.array(t.generator(latents, training=True))
     both = np.mean(epsilon * (d_real**2 + logits(fake) ** 2))
@@ -132,3 +135,64 @@ def test_samples_are_images_in_the_unit_interval(tmp_path):
 
     width = Image.open(path).size[0]
     assert width == (8 * 9 + 1) * 4  # 8 columns of 8x8 images, 1-pixel gaps, scaled x4
+
+
+def test_the_generator_average_is_checkpointed(tmp_path):
+    """The moving average of G's weights lives in its optimizer, so a restore brings it back."""
+    t = make_trainer(checkpoint_dir=str(tmp_path), ema_momentum=0.5)
+    t.build(batches())
+    initial = trainable(t.generator)
+    t.fit(batches(), steps=2)
+    optimizer = t.phases["generator"].optimizer
+    assert optimizer.use_ema and optimizer.ema_momentum == 0.5
+    averages = [np.array(v) for v in optimizer._model_variables_moving_average]
+    assert len(averages) == len(initial)
+    assert not any(np.array_equal(a, b) for a, b in zip(averages, initial, strict=True))
+
+    restored = make_trainer(checkpoint_dir=str(tmp_path), ema_momentum=0.5)
+    restored.build(batches())
+    assert restored.step == 2
+    again = restored.phases["generator"].optimizer._model_variables_moving_average
+    assert all(np.array_equal(a, np.array(b)) for a, b in zip(averages, again, strict=True))
+
+
+def test_generate_in_batches_is_one_call():
+    t = make_trainer()
+    latents = gan.fixed_latents(4, seed=0, count=10)
+    expected = np.array(t.generator(latents, training=False))
+    np.testing.assert_allclose(
+        gan.generate(t.generator, latents, batch_size=3), expected, atol=1e-6
+    )
+
+
+def test_write_fid_logs_the_score_and_its_floor(tmp_path):
+    split = data.load_images("digits", seed=0)
+    split = data.Split(split.x_train[:100], split.y_train[:100], split.x_test, split.y_test)
+    scorer = fid.fid_scorer(split, steps=3)  # a barely trained classifier: features all the same
+    t = make_trainer(log_dir=str(tmp_path))
+    latents = gan.fixed_latents(4, seed=1, count=scorer.num_samples)
+    score = gan.write_fid(t, scorer, latents, step=7)
+    samples = np.array(t.generator(latents, training=False))
+    expected = fid.feature_frechet_distance(scorer.features(samples), scorer.features(split.x_test))
+    assert score == pytest.approx(expected, rel=1e-9)
+    events = summaries.read_events(str(tmp_path))
+    assert summaries.scalar_series(events, "eval/fid") == [(7, pytest.approx(score, rel=1e-6))]
+    floor = summaries.scalar_series(events, "eval/fid_floor")
+    assert floor == [(7, pytest.approx(scorer.floor, rel=1e-6))]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_pixel_normalized_sample_does_not_depend_on_its_batch(training):
+    latents = gan.fixed_latents(4, seed=0, count=8)
+    pixel = gan.Generator((8, 8, 1), 4, width=4, seed=0, norm="pixel")
+    alone = np.array(pixel(latents[:1], training=training))
+    np.testing.assert_allclose(np.array(pixel(latents, training=training))[:1], alone, atol=1e-6)
+    batch = gan.Generator((8, 8, 1), 4, width=4, seed=0, norm="batch")
+    if training:  # batch norm normalizes with the batch's statistics
+        together = np.array(batch(latents, training=True))[:1]
+        assert not np.allclose(together, np.array(batch(latents[:2], training=True))[:1])
+
+
+def test_an_unknown_generator_norm_is_refused():
+    with pytest.raises(ValueError, match=r"`norm` \('layer'\) must be one of pixel, batch"):
+        gan.Generator((8, 8, 1), 4, norm="layer")

@@ -1,6 +1,7 @@
 """scripts/train_gan.py end to end: a few steps, samples.png, --help and one-line flag errors."""
 
 import os
+import re
 
 from script_checks import (
     assert_help_lists,
@@ -8,6 +9,8 @@ from script_checks import (
     run_bad_flags_and_help,
     run_script,
 )
+
+from termwise.trainer import summaries
 
 
 def test_trains_a_few_steps_and_writes_samples(tmp_path):
@@ -22,6 +25,21 @@ def test_trains_a_few_steps_and_writes_samples(tmp_path):
     assert (tmp_path / "samples.png").exists()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
     assert (tmp_path / "checkpoints").is_dir()
+    # The FID at every sample step and at the end, with its floor and the classifier's accuracy.
+    score = re.search(r"^FID (\d+\.\d+) \(floor (\d+\.\d+)\): 1527 samples", out.stdout, re.M)
+    assert score and float(score[1]) > float(score[2]) > 0, out.stdout
+    assert re.search(r"classifier of held-out accuracy 0\.9[5-9]", out.stdout), out.stdout
+    events = summaries.read_events(str(tmp_path))
+    fids = summaries.scalar_series(events, "eval/fid")
+    assert [step for step, _ in fids] == [2, 3]
+    assert f"FID {fids[-1][1]:.3f} (floor {score[2]})" in out.stdout  # the last one printed
+    floors = summaries.scalar_series(events, "eval/fid_floor")
+    assert [step for step, _ in floors] == [2, 3] and floors[0][1] == floors[1][1]
+    assert (tmp_path / "fid_classifier.keras").is_file()
+    assert (tmp_path / "fid_classifier.json").is_file()
+    for name in ("generator", "discriminator"):
+        assert (tmp_path / f"{name}.keras").is_file()
+        assert f"{name}: {tmp_path / f'{name}.keras'}" in out.stdout
 
 
 BAD_FLAGS = {  # flag: what its one-line error says
@@ -33,11 +51,13 @@ GAN_FLAGS = (
     "--loss",
     "--latent_dim",
     "--width",
+    "--generator_norm",
     "--r1_gamma",
     "--gp_weight",
     "--feature_matching",
     "--drift",
     "--discriminator_learning_rate",
+    "--ema_momentum",
     "--sample_every",
 )
 

@@ -1,5 +1,7 @@
 """scripts/train_vae.py end to end: a few steps, resume, --help and one-line flag errors."""
 
+import re
+
 import keras
 import numpy as np
 from script_checks import (
@@ -18,6 +20,11 @@ def test_trains_then_resumes_to_the_total(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "held-out negative ELBO" in out.stdout
+    score = re.search(
+        r"^FID (\d+\.\d+) \(floor (\d+\.\d+)\): 1527 samples from the prior", out.stdout, re.M
+    )
+    assert score and float(score[1]) > float(score[2]) > 0, out.stdout
+    assert (tmp_path / "fid_classifier.json").is_file()
     assert f"tensorboard --logdir {tmp_path}" in out.stdout
     assert (tmp_path / "samples.png").exists()
     assert_models_reload(out, tmp_path)
@@ -26,6 +33,7 @@ def test_trains_then_resumes_to_the_total(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Restored" in again.stderr and "step 6/6" in again.stderr
+    assert "FID classifier loaded" in again.stderr  # the rerun does not retrain it
 
 
 def assert_models_reload(out, log_dir):
