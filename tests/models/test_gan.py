@@ -73,7 +73,7 @@ def test_drift_sums_the_real_and_the_fake_call():
     assert result["d_adversarial"] == pytest.approx(expected, rel=1e-5)
 
     # After an update, in training mode.
-    logs = t.fit(tf.data.Dataset.from_tensors(real), steps=1)
+    logs = t.fit(tf.data.Dataset.from_tensors(real), steps=1).last
     fake = np.array(t.generator(latents, training=True))
     both = np.mean(epsilon * (d_real**2 + logits(fake) ** 2))
     assert logs["loss/drift"] == pytest.approx(both, rel=1e-5)

@@ -32,7 +32,7 @@ def test_trains_then_resumes_to_the_total(tmp_path):
         "train_vae", ["--steps=6", f"--log_dir={tmp_path}", "--steps_per_execution=2"]
     )
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "Restored" in again.stderr and "step 6/6" in again.stderr
+    assert "Restored" in again.stderr and "step 6/6" in again.stdout
     assert "FID classifier loaded" in again.stderr  # the rerun does not retrain it
 
 
