@@ -35,14 +35,16 @@ compute.
 
 Throughput: all contenders of a model are built in this process, warmed up (`--warmup` steps,
 which cross the first logging and diagnostic step), then timed in turn, `--repeats` times, the
-order rotating every repeat; the median steps per second of each is reported with its ratio to
-the hand-written loop and to the folded limit.
+order rotating every repeat; the median steps per second of each (the steady state) is
+reported with its ratio to the hand-written loop and to the folded limit.
 
-Start-up: each contender also runs once in a fresh subprocess (the first call pays for tracing
-and for whatever TensorFlow loads on first use; peak memory is only the contender's there):
-the time from calling `fit` (or the first call) to the first step done, the wall time of the
-first 1,000 steps, the steps after the first call against the steady state measured right
-after in the same process, and the peak resident set (VmHWM).
+Start-up: each contender first runs alone in a fresh subprocess (the first call pays for
+tracing and for whatever TensorFlow loads on first use; peak memory is only the contender's
+there): the time from calling `fit` (or the first call) to the first step done (a `fit` with
+`steps_per_execution=k` returns after k steps), the wall time of the first 1,000 steps
+(logging and diagnostic steps, and the tracing of the diagnostic step, included) against as
+many steps at the steady state, the same without the first call, and the peak resident set
+(VmHWM, beside the resident set before the first call).
 
 Cost as the number of terms grows: a shared-encoder model with T heads (one term each, T = 2,
 4, 8, 16) under the Trainer: a plain step, a diagnostic step (estimated from one in every 10
@@ -102,6 +104,9 @@ DIAGNOSTIC_EVERY = 10  # the T table's diagnostic contender: one diagnostic step
 SPE = inspect.signature(Trainer).parameters["steps_per_execution"].default
 STARTUP_PREFIX = "STARTUP_JSON "
 
+# Timed steps per window by default: windows of a second or more on 2 CPU cores.
+STEPS = {"vae": 1000, "cnn": 200, "lstm": 200, "gan": 100, "terms": 200}
+
 # What --quick changes (flags given explicitly keep their values).
 QUICK = {"steps": 5, "repeats": 1, "warmup": 0, "first_steps": 5, "terms": "2", "isolate": False}
 
@@ -114,24 +119,27 @@ def _quick(name: str) -> str:
 flags.DEFINE_list("models", list(MODELS), f"Models to benchmark, a subset of {','.join(MODELS)}.")
 flags.DEFINE_integer(
     "steps",
-    400,
-    "Timed steps per contender per repeat, and the steady-state window of the start-up runs "
-    "(a multiple of 100 holds every 100th step's diagnostics exactly)." + _quick("steps"),
+    None,
+    "Timed steps per contender per repeat, for every model (a multiple of 100 holds every 100th "
+    "step's diagnostics exactly). Default: "
+    + ", ".join(f"{n} for the {k if k != 'terms' else 'T table'}" for k, n in STEPS.items())
+    + " (a second or more per window on 2 cores)."
+    + _quick("steps"),
 )
 flags.DEFINE_integer(
     "repeats", 3, "Timed repeats of each contender; medians are reported." + _quick("repeats")
 )
 flags.DEFINE_integer(
     "warmup",
-    200,
-    "Steps each contender runs before it is timed (tracing everything: 200 crosses the first "
+    110,
+    "Steps each contender runs before it is timed (tracing everything: 110 crosses the first "
     "logging and diagnostic step, at 100)." + _quick("warmup"),
 )
 flags.DEFINE_integer(
     "first_steps",
     1000,
     "The early window of the start-up runs (from the first call), set against the steady "
-    "state." + _quick("first_steps"),
+    "state (the median throughput)." + _quick("first_steps"),
 )
 flags.DEFINE_list(
     "terms",
@@ -174,8 +182,9 @@ def _term_counts(value):
     return all(v.isdigit() and int(v) > 0 for v in value)
 
 
-for _name in ("steps", "repeats", "first_steps", "batch_size"):
+for _name in ("repeats", "first_steps", "batch_size"):
     flags.register_validator(_name, lambda v: v > 0, message=f"--{_name} must be positive.")
+flags.register_validator("steps", lambda v: v is None or v > 0, message="--steps must be positive.")
 flags.register_validator("warmup", lambda v: v >= 0, message="--warmup must be >= 0.")
 
 
@@ -595,37 +604,39 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def startup(runner, first_steps: int, steady_steps: int, *, isolated: bool) -> dict:
-    """The first call, the first `first_steps` steps and the steady state of a fresh runner."""
+def startup(runner, first_steps: int, *, isolated: bool) -> dict:
+    """Times a fresh runner's first call and its first `first_steps` steps (from that call)."""
     before = _memory_mb()
     start = time.perf_counter()
     runner.run(1)
     first = time.perf_counter() - start
     first_call_steps = runner.done
     runner.run_until(first_steps)
-    early = time.perf_counter() - start
-    early_steps = runner.done
-    begin = runner.done
-    steady = _timed(runner.run, steady_steps)
-    steady_per_step = steady / max(runner.done - begin, 1)
-    rest_steps = early_steps - first_call_steps
     result = {
         "time_to_first_step_s": first,
         "first_call_steps": first_call_steps,
-        "first_steps": early_steps,
-        "first_steps_s": early,
-        "steady_steps_per_sec": 1.0 / steady_per_step,
-        "first_steps_vs_steady": early / (early_steps * steady_per_step),
-        "after_first_call_vs_steady": (
-            (early - first) / (rest_steps * steady_per_step) if rest_steps > 0 else None
-        ),
+        "first_steps": runner.done,
+        "first_steps_s": time.perf_counter() - start,
         "isolated": isolated,
     }
     if isolated:
-        after = _memory_mb()
         result["rss_before_first_call_mb"] = before.get("VmRSS")
-        result["peak_rss_mb"] = after.get("VmHWM")
+        result["peak_rss_mb"] = _memory_mb().get("VmHWM")
     return result
+
+
+def against_steady(start: dict, steps_per_sec: float) -> dict:
+    """The start-up's windows against the steady state (the median interleaved throughput)."""
+    rest = start["first_steps"] - start["first_call_steps"]
+    per_step = 1.0 / steps_per_sec
+    return {
+        "first_steps_vs_steady": start["first_steps_s"] / (start["first_steps"] * per_step),
+        "after_first_call_vs_steady": (
+            (start["first_steps_s"] - start["time_to_first_step_s"]) / (rest * per_step)
+            if rest > 0
+            else None
+        ),
+    }
 
 
 def startup_in_subprocess(model: str, contender: str) -> dict:
@@ -635,7 +646,6 @@ def startup_in_subprocess(model: str, contender: str) -> dict:
         os.path.abspath(__file__),
         f"--startup={model}/{contender}",
         f"--batch_size={FLAGS.batch_size}",
-        f"--steps={FLAGS.steps}",
         f"--first_steps={FLAGS.first_steps}",
     ]
     out = subprocess.run(command, capture_output=True, text=True, check=False, timeout=1800)
@@ -657,7 +667,7 @@ def run_startup_worker(spec: str) -> None:
         )
     runner = make_runner(PROBLEMS[model](), contender, FLAGS.batch_size)
     try:
-        result = startup(runner, FLAGS.first_steps, FLAGS.steps, isolated=True)
+        result = startup(runner, FLAGS.first_steps, isolated=True)
     finally:
         runner.close()
     print(STARTUP_PREFIX + json.dumps(result), flush=True)
@@ -691,12 +701,12 @@ def benchmark_model(name: str) -> dict:
     try:
         for contender, runner in runners.items():
             if not FLAGS.isolate:
-                starts[contender] = startup(runner, FLAGS.first_steps, FLAGS.steps, isolated=False)
+                starts[contender] = startup(runner, FLAGS.first_steps, isolated=False)
                 _print_startup(name, contender, starts[contender])
             else:
                 runner.run(1)
             runner.run_until(max(FLAGS.warmup, runner.done))
-        rates = interleaved(runners, FLAGS.steps, FLAGS.repeats, name)
+        rates = interleaved(runners, FLAGS.steps or STEPS[name], FLAGS.repeats, name)
         jit = {
             c: bool(getattr(r.model, "jit_compile", False))
             for c, r in runners.items()
@@ -718,6 +728,7 @@ def benchmark_model(name: str) -> dict:
             "ratio_to_handwritten": rate / medians["handwritten"],
             "ratio_to_folded": rate / medians["folded"],
             **starts[contender],
+            **against_steady(starts[contender], rate),
         }
     return {
         "title": problem.title,
@@ -732,8 +743,7 @@ def _print_startup(model: str, contender: str, s: dict) -> None:
     memory = f", peak RSS {peak:.0f} MB" if peak else ""
     print(
         f"[{model}] start-up {contender}: first step {s['time_to_first_step_s']:.2f} s, first "
-        f"{s['first_steps']} steps {s['first_steps_s']:.2f} s, steady "
-        f"{s['steady_steps_per_sec']:.0f} steps/s{memory}",
+        f"{s['first_steps']} steps {s['first_steps_s']:.2f} s{memory}",
         flush=True,
     )
 
@@ -794,7 +804,8 @@ def benchmark_terms(counts) -> dict:
         }
         for runner in runners.values():
             runner.run_until(max(FLAGS.warmup, DIAGNOSTIC_EVERY))
-        rates = interleaved(runners, FLAGS.steps, FLAGS.repeats, f"T={count}")
+        steps = FLAGS.steps or STEPS["terms"]
+        rates = interleaved(runners, steps, FLAGS.repeats, f"T={count}")
         medians = {n: statistics.median(r) for n, r in rates.items()}
         plain = medians["plain"]
         # A diagnostic step in every DIAGNOSTIC_EVERY: its extra time, over one plain step.
@@ -904,6 +915,8 @@ def markdown(result: dict) -> str:
     if m["uncommitted_changes"]:
         tree += " (with uncommitted changes)"
     n = s["first_steps"]
+    windows = ", ".join(f"{steps} steps ({key})" for key, steps in s["steps"].items())
+    where = "in a fresh subprocess per contender" if s["isolate"] else "in this process"
     lines = [
         "# Termwise benchmark",
         "",
@@ -913,10 +926,9 @@ def markdown(result: dict) -> str:
         f"Load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in s['load_start'])} at the "
         f"start, {', '.join(f'{x:.2f}' for x in s['load_end'])} at the end; "
         f"{s['wall_time_s'] / 60:.1f} min in all.",
-        f"Settings: batch {s['batch_size']}, {s['steps']} timed steps x {s['repeats']} repeats "
-        f"(medians), warm-up {s['warmup']} steps, start-up window {s['first_steps']} steps, "
-        f"start-up {'in a fresh subprocess per contender' if s['isolate'] else 'in this process'}"
-        f"{', --quick (the numbers mean nothing)' if s['quick'] else ''}.",
+        f"Settings: batch {s['batch_size']}; timed windows of {windows}, x {s['repeats']} "
+        f"repeats (medians); warm-up {s['warmup']} steps; start-up window {n} steps, measured "
+        f"{where}{', --quick (the numbers mean nothing)' if s['quick'] else ''}.",
         "",
     ]
     for name, r in result["models"].items():
@@ -941,7 +953,7 @@ def markdown(result: dict) -> str:
                 f"{c['ratio_to_folded']:.2f}x",
                 first,
                 f"{c['first_steps_s']:.2f}",
-                f"{c['first_steps'] / c['steady_steps_per_sec']:.2f}",
+                f"{c['first_steps'] / c['steps_per_sec']:.2f}",
                 _number(c["after_first_call_vs_steady"], ".2f", "x"),
                 peak,
             ]
@@ -1013,7 +1025,7 @@ def main(argv):
         "machine": info,
         "settings": {
             "batch_size": FLAGS.batch_size,
-            "steps": FLAGS.steps,
+            "steps": {k: FLAGS.steps or n for k, n in STEPS.items()},
             "repeats": FLAGS.repeats,
             "warmup": FLAGS.warmup,
             "first_steps": FLAGS.first_steps,

@@ -61,7 +61,7 @@ def test_quick_benchmark_reports_every_contender(tmp_path):
                     "ratio_to_folded",
                     "time_to_first_step_s",
                     "first_steps_s",
-                    "steady_steps_per_sec",
+                    "first_steps_vs_steady",
                 ):
                     assert _positive(c[key]), (name, contender, key, c[key])
             assert model["contenders"]["handwritten"]["ratio_to_handwritten"] == 1.0
