@@ -15,6 +15,8 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from termwise.losses.layers import add_penalty
+
 FEATURE_MATCHING_NORMS = ("l2", "l1")
 
 # Registered, so that a model holding `DriftPenalty` (or an `ActivityPenalty(drift_penalty)`)
@@ -291,8 +293,8 @@ class DriftPenalty(keras.layers.Layer):
             raise ValueError(f"`epsilon` ({epsilon!r}) must be positive.")
         self.epsilon = float(epsilon)
 
-    def call(self, logits):
-        self.add_loss(drift_penalty(logits, self.epsilon))
+    def call(self, logits, training=None):
+        add_penalty(self, drift_penalty(logits, self.epsilon), training)
         return logits
 
     def get_config(self):

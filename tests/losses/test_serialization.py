@@ -200,6 +200,7 @@ def test_only_a_per_example_value_in_training_outside_a_recorder_warns():
         (losses.L1ActivitySparsity(name="l1_default"), {}, False),
         (losses.FeatureDiversity(name="scalar"), {"training": True}, False),
         (losses.GaussianActivityKL(name="scalar_kl"), {"training": True}, False),
+        (losses.DriftPenalty(0.01, name="drift"), {"training": True}, True),
     ]
     for layer, kwargs, warns in cases:
         with warnings.catch_warnings(record=True) as caught:
