@@ -412,6 +412,7 @@ def train_and_evaluate(
     drift: float = 0.0,
     discriminator_learning_rate: float | None = None,
     ema_momentum: float | None = 0.999,
+    n_critic: int = 1,
     sample_every: int = 1000,
 ) -> dict[str, float]:
     """Trains a GAN on `config.dataset` up to `config.steps`, then evaluates its terms held out.
@@ -436,6 +437,8 @@ def train_and_evaluate(
         drift: epsilon of D's drift penalty (0: no `drift` layer).
         discriminator_learning_rate: D's Adam learning rate (default: `config.learning_rate`).
         ema_momentum: momentum of the moving average of G's weights (None: no average).
+        n_critic: discriminator updates per generator update, each on its own batch (the
+            Trainer's `phase_steps`; Gulrajani et al. 2017 use 5 with WGAN-GP).
         sample_every: steps between sample images and FID scores (0: only at the end).
 
     Returns:
@@ -466,6 +469,8 @@ def train_and_evaluate(
             raise ValueError(f"--sample_every ({sample_every!r}) must be a non-negative integer.")
         if ema_momentum is not None and not 0 <= ema_momentum < 1:
             raise ValueError(f"--ema_momentum ({ema_momentum!r}) must be in [0, 1).")
+        if isinstance(n_critic, bool) or not isinstance(n_critic, int) or n_critic <= 0:
+            raise ValueError(f"--n_critic ({n_critic!r}) must be a positive integer.")
         split = data_lib.load_images(config.dataset, seed=config.seed)
         with strategy.scope():
             generator, discriminator = build_gan(
@@ -486,6 +491,7 @@ def train_and_evaluate(
             "drift": drift,
             "discriminator_learning_rate": discriminator_learning_rate or config.learning_rate,
             "ema_momentum": ema_momentum if ema_momentum is not None else "none",
+            "n_critic": n_critic,
         }
         trainer = GANTrainer(
             {"generator": generator, "discriminator": discriminator},
@@ -494,6 +500,7 @@ def train_and_evaluate(
             r1_gamma=r1_gamma,
             gp_weight=gp_weight,
             feature_matching=feature_matching,
+            phase_steps={"discriminator": n_critic},
             **trainer_options(config, strategy, hparams=hparams),
         )
         test = data_lib.batches(split.x_test, config.batch_size, shuffle=False, seed=config.seed)

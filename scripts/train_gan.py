@@ -2,6 +2,7 @@
 
     python scripts/train_gan.py                        # digits, offline, a few minutes on 2 CPUs
     python scripts/train_gan.py --loss wgan_gp --r1_gamma 0 --drift 0.001
+    python scripts/train_gan.py --loss wgan_gp --r1_gamma 0 --n_critic 5   # Gulrajani et al.
     python scripts/train_gan.py --feature_matching l1 --weights feature_matching=0.1
     python scripts/train_gan.py --dataset mnist        # downloads once, then offline
     tensorboard --logdir runs/gan
@@ -67,6 +68,12 @@ flags.DEFINE_float(
     "generator.keras use (Karras et al. 2018); 0 uses the raw weights.",
 )
 flags.DEFINE_integer(
+    "n_critic",
+    1,
+    "Discriminator updates per generator update, each on its own batch (Gulrajani et al. 2017 "
+    "use 5 with --loss=wgan_gp).",
+)
+flags.DEFINE_integer(
     "sample_every", 1000, "Steps between sample images and FID scores (0: only at the end)."
 )
 common.define_flags(
@@ -94,6 +101,7 @@ def main():
         drift=FLAGS.drift,
         discriminator_learning_rate=FLAGS.discriminator_learning_rate,
         ema_momentum=FLAGS.ema_momentum or None,
+        n_critic=FLAGS.n_critic,
         sample_every=FLAGS.sample_every,
     )
     terms = ", ".join(
