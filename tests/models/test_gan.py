@@ -156,6 +156,41 @@ def test_the_generator_average_is_checkpointed(tmp_path):
     assert all(np.array_equal(a, np.array(b)) for a, b in zip(averages, again, strict=True))
 
 
+def test_after_fit_the_generator_shows_its_average_and_training_resumes_from_the_raw_weights():
+    """With use_ema, fit leaves avg_k = m avg_(k-1) + (1 - m) w_k (avg_1 = w_1) in G, computed
+    here from a twin without an average, and the next fit continues from the raw w_k."""
+    momentum = 0.5
+
+    def twin(ema_momentum):
+        keras.utils.set_random_seed(0)
+        generator, discriminator = gan.build_gan((8, 8, 1), 4, width=4, seed=1)
+        optimizer = {
+            "discriminator": keras.optimizers.Adam(1e-2),
+            "generator": gan.gan_optimizer(1e-2, ema_momentum=ema_momentum),
+        }
+        model = {"generator": generator, "discriminator": discriminator}
+        return gan.GANTrainer(model, optimizer, progress=False, log_every=0), batches()
+
+    plain, data = twin(None)
+    raw = []
+    for _ in range(3):
+        plain.fit(data, steps=1)
+        raw.append(trainable(plain.generator))
+    averages = [raw[0]]
+    for weights in raw[1:]:
+        pairs = zip(averages[-1], weights, strict=True)
+        averages.append([momentum * a + (1 - momentum) * w for a, w in pairs])
+
+    averaged, data = twin(momentum)
+    averaged.fit(data, steps=2)
+    for got, want in zip(trainable(averaged.generator), averages[1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(a, b) for a, b in zip(averages[1], raw[1], strict=True))
+    averaged.fit(data, steps=1)
+    for got, want in zip(trainable(averaged.generator), averages[2], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_generate_in_batches_is_one_call():
     t = make_trainer()
     latents = gan.fixed_latents(4, seed=0, count=10)
