@@ -46,7 +46,7 @@ def term_gradients(tape: tf.GradientTape, targets: Sequence[tf.Tensor], variable
         grads = tape.gradient(target, variables)
         out.append(
             [
-                tf.zeros(v.shape, tf.float32) if g is None else tf.convert_to_tensor(g)
+                tf.zeros_like(v, tf.float32) if g is None else tf.convert_to_tensor(g)
                 for g, v in zip(grads, variables, strict=True)
             ]
         )
@@ -181,6 +181,41 @@ def layer_norms(stacks: Sequence[tf.Tensor], segments: tf.Tensor) -> tf.Tensor:
     """
     squares = tf.stack([tf.reduce_sum(tf.square(s), axis=1) for s in stacks], axis=1)  # [T, V]
     return tf.sqrt(tf.maximum(tf.matmul(squares, segments), 0.0))
+
+
+class OutputTap:
+    """Records what a layer outputs while active: the representation Z of MGDA-UB.
+
+    The layer's `call` is wrapped on the instance for the duration, so the tensors recorded
+    are the ones the tape saw (traced once, inside the compiled step).
+
+    Example:
+        ```python
+        with tf.GradientTape(persistent=True) as tape, OutputTap(encoder) as outputs:
+            losses = compute(batch)
+        grads = [tape.gradient(loss, outputs) for loss in losses]   # dL_i / dZ
+        ```
+    """
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.outputs: list[tf.Tensor] = []
+
+    def __enter__(self) -> list[tf.Tensor]:
+        original = self.layer.call
+
+        def call(*args, **kwargs):
+            result = original(*args, **kwargs)
+            self.outputs.extend(
+                t for t in tf.nest.flatten(result) if tf.is_tensor(t) and t.dtype.is_floating
+            )
+            return result
+
+        object.__setattr__(self.layer, "call", call)
+        return self.outputs
+
+    def __exit__(self, *exc_info) -> None:
+        object.__delattr__(self.layer, "call")
 
 
 class DominanceMonitor:

@@ -22,6 +22,7 @@ writes nothing but variables: no files, no Python state a step depends on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 
@@ -147,13 +148,18 @@ class StepMixin:
             values = ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
         return values
 
-    def _per_term_gradients(self, phase, tape, targets, weights, values, step, updates, diagnostic):
+    def _per_term_gradients(
+        self, phase, tape, targets, weights, values, step, updates, diagnostic, rep_gram=None
+    ):
         """The update from one backward pass per term, and the gradient diagnostics.
 
         The per-term gradients are all-reduced across replicas (so every replica holds the
         global ones), their Gramian gives the balancer's weights and the diagnostics, and the
         update is their combination, divided by the number of replicas because the optimizer
         sums the replicas' gradients in `apply`.
+
+        With `rep_gram` (a balancer's `representation`), the balancer's weights come from that
+        Gramian of the gradients at the representation, not from the parameters'.
 
         Returns:
             (gradients for `optimizer.apply`, the weights by term name, the balancer's state
@@ -178,9 +184,12 @@ class StepMixin:
             gram = gradients_lib.gramian(stacks) * tf.square(scale)
         coefficients = update = direct = valid = None  # None: 1 for every term
         if balancer is not None and balancer.needs_gradients:
-            target_gram = (
-                gram if target is None else gradients_lib.gramian(stacks, target) * tf.square(scale)
-            )
+            if rep_gram is not None:
+                target_gram = rep_gram
+            elif target is None:
+                target_gram = gram
+            else:
+                target_gram = gradients_lib.gramian(stacks, target) * tf.square(scale)
             extra = {"stacks": [s * scale for s in stacks]} if balancer.needs_stacks else {}
             weighting = balancer.weights(values, step, target_gram, **extra)
             coefficients = update = weighting.weights
@@ -271,10 +280,18 @@ class StepMixin:
         replicas = self.strategy.num_replicas_in_sync
         scale_loss = isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer)
         balancer = self.balancers.get(phase.name)
-        per_term = diagnostic or (balancer is not None and balancer.needs_gradients)
+        gradient_balancer = balancer is not None and balancer.needs_gradients
+        at_representation = gradient_balancer and balancer.representation is not None
+        per_term = diagnostic or (gradient_balancer and not at_representation)
         updates, values, valid, diagnostics = (), None, None, {}
-        with tf.GradientTape(persistent=per_term) as tape:
-            reduced = self._phase_terms(phase, batch, training=True)
+        tap = (
+            gradients_lib.OutputTap(self._layer_named(balancer.representation))
+            if (at_representation)
+            else contextlib.nullcontext([])
+        )
+        with tf.GradientTape(persistent=per_term or at_representation) as tape:
+            with tap as representations:
+                reduced = self._phase_terms(phase, batch, training=True)
             weights, weighted, total = self._weigh(reduced, step)
             if balancer is not None:
                 balancer.build(tuple(reduced), shapes=[v.shape for v in phase.variables])
@@ -284,19 +301,38 @@ class StepMixin:
                 weights, weighted, total = self._reweigh(reduced, weights, weighting.weights)
                 updates, valid = weighting.updates, weighting.valid
             scaled = phase.optimizer.scale_loss if scale_loss else (lambda loss: loss)
-            targets = [scaled(weighted[n]) for n in reduced] if per_term else None
-            target = None if per_term else scaled(total)
+            many = per_term or at_representation
+            targets = [scaled(weighted[n]) for n in reduced] if many else None
+            target = None if many else scaled(total)
+        rep_gram = None
+        if at_representation:
+            rep_gram = self._representation_gramian(phase, tape, targets, representations)
         if per_term:
             grads, weights, updates, gradient_valid, diagnostics = self._per_term_gradients(
-                phase, tape, targets, weights, values, step, updates, diagnostic
+                phase, tape, targets, weights, values, step, updates, diagnostic, rep_gram
             )
-            del tape
             valid = gradient_valid if valid is None else valid
-            if balancer is not None and balancer.needs_gradients:
-                weighted = {n: weights[n] * reduced[n] for n in reduced}
-                total = tf.add_n(list(weighted.values()))
+        elif at_representation:  # T passes down to Z, then one full pass of sum_k u_k L_k
+            weighting = balancer.weights(values, step, rep_gram)
+            coefficients = weighting.weights
+            update = coefficients
+            if weighting.mixing is not None:
+                update = tf.reduce_sum(weighting.mixing, axis=0) * coefficients
+            grads = tape.gradient(
+                targets, phase.variables, output_gradients=[update[i] for i in range(len(targets))]
+            )
+            grads = [
+                tf.zeros_like(v) if g is None else g
+                for g, v in zip(grads, phase.variables, strict=True)
+            ]
+            updates, valid = tuple(updates) + tuple(weighting.updates), weighting.valid
+            weights = {n: weights[n] * coefficients[i] for i, n in enumerate(reduced)}
         else:
             grads = tape.gradient(target, phase.variables)
+        del tape
+        if gradient_balancer:
+            weighted = {n: weights[n] * reduced[n] for n in reduced}
+            total = tf.add_n(list(weighted.values()))
         ok = tf.logical_and(ok_before, self._check(phase, reduced, weights, grads, valid, run))
         self._conditional_apply(phase, grads, ok)
         for variable, value in updates:  # balancer state: only with the update
@@ -310,6 +346,25 @@ class StepMixin:
         logs[f"total/{phase.name}"] = total
         logs.update(self._phase_metrics.pop(phase.name, {}))
         return ok, logs, diagnostics
+
+    def _representation_gramian(self, phase: Phase, tape, targets, representations):
+        """The [T, T] Gramian of the terms' gradients at the tapped representation(s), global.
+
+        ``G_ij = sum over the outputs Z the layer gave in this run (and their examples) of
+        dL_i/dZ . dL_j/dZ``: one backward pass per term, through the heads only.
+        """
+        if not representations:
+            raise ValueError(
+                f"The balancer's representation layer {self.balancers[phase.name].representation!r}"
+                f" was not called in phase {phase.name!r}'s terms."
+            )
+        per_term = gradients_lib.term_gradients(tape, targets, representations)
+        gram = gradients_lib.gramian(gradients_lib.stack_by_variable(per_term))
+        if isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer):
+            gram = gram / tf.square(tf.cast(phase.optimizer.scale_loss(1.0), tf.float32))
+        if self.strategy.num_replicas_in_sync > 1:  # each replica's examples: a sum
+            gram = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, gram)
+        return gram
 
     def _check(self, phase: Phase, reduced, weights, grads, valid, run: int) -> tf.Tensor:
         """Whether this run's terms, weights, balancer preconditions and gradient are all sound.

@@ -865,20 +865,28 @@ class Trainer(StepMixin):
         if self._restored_from:
             self._checkpoints.restore_extra(**{f"balancer_{k}": b for k, b in pending.items()})
 
-    def _target_indices(self, phase_name: str, balancer) -> list[int] | None:
-        """Positions in the phase's variables of the balancer's target layer (None: all)."""
-        if balancer.layer is None:
-            return None
+    def _layer_named(self, name: str, option: str = "representation") -> keras.layers.Layer:
+        """The models' layer of that name, for a balancer's `layer` or `representation`."""
         layers = {}
         for model in self._models.values():
             for layer in model._flatten_layers(include_self=True, recursive=True):
                 layers.setdefault(layer.name, layer)
-        if balancer.layer not in layers:
+        if name not in layers:
             raise ValueError(
-                f"`balancer` target layer {balancer.layer!r} is not a layer of the model; "
+                f"`balancer` {option} {name!r} is not a layer of the model; "
                 f"layers: {sorted(layers)}."
             )
-        wanted = {id(v) for v in layers[balancer.layer].trainable_variables}
+        return layers[name]
+
+    def _target_indices(self, phase_name: str, balancer) -> list[int] | None:
+        """Positions in the phase's variables of the balancer's target layer (None: all)."""
+        if balancer.representation is not None:
+            self._layer_named(balancer.representation)  # checked before training
+        if balancer.layer is None:
+            return None
+        wanted = {
+            id(v) for v in self._layer_named(balancer.layer, "target layer").trainable_variables
+        }
         phase = self.phases[phase_name]
         indices = [i for i, v in enumerate(phase.variables) if id(v) in wanted]
         if not indices:

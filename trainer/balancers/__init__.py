@@ -68,6 +68,7 @@ _ALIASES = {
 }
 
 FORMS = (*(form.usage for form in _FORMS.values()), "none")
+TARGETS = ("@layer=NAME", "@representation=NAME")  # a gradient-based form's optional suffix
 
 
 def parse(spec: str | Balancer | None) -> Balancer | None:
@@ -75,7 +76,9 @@ def parse(spec: str | Balancer | None) -> Balancer | None:
 
     Accepted forms: `FORMS` (for example ``gradnorm:1.5`` or ``pcgrad:3``), and ``none`` (or an
     empty string, or None: no balancer). Names are case-insensitive, and ``-`` reads as ``_``.
-    A `Balancer` is returned as it is.
+    A gradient-based form may end with ``@layer=NAME`` (the Gramian over that layer's
+    variables) or ``@representation=NAME`` (over the gradients at that layer's output, MGDA-UB;
+    see `Balancer`), e.g. ``mgda@representation=encoder``. A `Balancer` is returned as it is.
 
     Raises:
         ValueError: naming the string and listing the accepted forms.
@@ -84,20 +87,30 @@ def parse(spec: str | Balancer | None) -> Balancer | None:
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"A balancer must be a string such as 'pcgrad', got {spec!r}.")
-    name, *fields = spec.strip().split(":")
+    body, *options = spec.strip().split("@")
+    name, *fields = body.split(":")
     name = name.lower().replace("-", "_")
     name = _ALIASES.get(name, name)
     try:
         if name in ("none", ""):
-            if fields:
-                raise ValueError(f"takes no fields, got {len(fields)}")
+            if fields or options:
+                raise ValueError("takes no fields")
             return None
         if name not in _FORMS:
             raise ValueError(f"unknown balancer {name!r}")
-        return _FORMS[name].build(fields)
+        balancer = _FORMS[name].build(fields)
+        target = {}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep or key not in ("layer", "representation") or key in target:
+                raise ValueError(
+                    f"{option!r} after '@' must be layer=NAME or representation=NAME, once"
+                )
+            target[key] = value
+        return balancer.target(**target) if target else balancer
     except ValueError as error:
         raise ValueError(
-            f"Balancer {spec!r}: {error}; accepted forms: {', '.join(FORMS)}."
+            f"Balancer {spec!r}: {str(error).rstrip('.')}; accepted forms: {', '.join(FORMS)}."
         ) from None
 
 
@@ -106,6 +119,7 @@ __all__ = [
     "DWA",
     "FAMO",
     "FORMS",
+    "TARGETS",
     "IMTLG",
     "MGDA",
     "AlignedMTL",

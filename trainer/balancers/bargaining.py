@@ -54,8 +54,14 @@ class NashMTL(Balancer):
 
     needs_gradients = True
 
-    def __init__(self, update_every: int = 1, max_norm: float = 1.0, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(
+        self,
+        update_every: int = 1,
+        max_norm: float = 1.0,
+        layer: str | None = None,
+        representation: str | None = None,
+    ):
+        super().__init__(layer=layer, representation=representation)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"`update_every` ({update_every!r}) must be a positive integer.")
         if not max_norm >= 0:
@@ -122,8 +128,10 @@ class FairGrad(Balancer):
 
     needs_gradients = True
 
-    def __init__(self, alpha: float = 1.0, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(
+        self, alpha: float = 1.0, layer: str | None = None, representation: str | None = None
+    ):
+        super().__init__(layer=layer, representation=representation)
         if not alpha > 0:
             raise ValueError(f"`alpha` ({alpha!r}) must be positive.")
         self.alpha = float(alpha)

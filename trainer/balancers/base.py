@@ -64,6 +64,17 @@ class Balancer(tf.Module):
     Args:
         layer: for gradient-based balancers, the name of the layer whose variables the Gramian
             is taken over (GradNorm's "last shared layer"); None: all of the phase's variables.
+            The per-term gradients are still taken over all of them (T backward passes).
+        representation: for gradient-based balancers, the name of a layer whose output is the
+            shared representation Z: the Gramian is that of the per-term gradients with respect
+            to Z, summed over the batch, ``G_ij = sum_n dL_i/dZ_n . dL_j/dZ_n`` (Sener and
+            Koltun 2018's MGDA-UB; Z is the input of every task's head). Each step then takes T
+            backward passes through the heads only, down to Z, and one full backward pass of
+            the weighted total ``sum_k u_k L_k``, instead of T full ones: for a large shared
+            encoder close to the cost of a plain step. The weights are those the method gives
+            for the gradients at Z, an upper bound's minimiser (MGDA-UB) or an approximation,
+            not those of the parameter gradients; gradient surgery becomes the same
+            combination of the terms (`1'C`), applied through that one backward pass.
     """
 
     needs_gradients: bool = False
@@ -74,17 +85,56 @@ class Balancer(tf.Module):
     # built with the variables' shapes (`_build_stacks`); implies `needs_gradients`.
     needs_stacks: bool = False
 
-    def __init__(self, *, layer: str | None = None, name: str | None = None):
+    def __init__(
+        self,
+        *,
+        layer: str | None = None,
+        representation: str | None = None,
+        name: str | None = None,
+    ):
         super().__init__(name=name)
-        if layer is not None and (not isinstance(layer, str) or not layer):
-            raise ValueError(f"`layer` ({layer!r}) must be a layer name or None.")
-        if layer is not None and not self.needs_gradients:
-            raise ValueError(
-                f"`layer` ({layer!r}): {type(self).__name__} uses no gradients; only "
-                "gradient-based balancers take a target layer."
-            )
-        self.layer = layer
+        self.layer = self.representation = None
         self._term_names: tuple[str, ...] | None = None
+        self.target(layer=layer, representation=representation)
+
+    def target(self, *, layer: str | None = None, representation: str | None = None) -> Balancer:
+        """Sets what the Gramian is taken over (see the class's Args); returns the balancer.
+
+        Raises:
+            ValueError: for a name that is not a non-empty string, both options at once, or a
+                balancer that takes no gradients (or keeps them, `needs_stacks`, for
+                `representation`).
+        """
+        for option, value in (("layer", layer), ("representation", representation)):
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"`{option}` ({value!r}) must be a layer name or None.")
+            if not self.needs_gradients:
+                raise ValueError(
+                    f"`{option}` ({value!r}): {type(self).__name__} uses no gradients; only "
+                    "gradient-based balancers take a target layer."
+                )
+        if layer is not None and representation is not None:
+            raise ValueError(
+                f"Give `layer` ({layer!r}) or `representation` ({representation!r}), not both."
+            )
+        if representation is not None and self.needs_stacks:
+            raise ValueError(
+                f"`representation` ({representation!r}): {type(self).__name__} averages the "
+                "parameters' gradients and needs them all."
+            )
+        self.layer, self.representation = layer, representation
+        return self
+
+    @property
+    def target_spec(self) -> str:
+        """The `parse` suffix of the target, e.g. "@representation=encoder" ("" for none)."""
+        if self.representation is not None:
+            return f"@representation={self.representation}"
+        if self.layer is not None and self.layer not in self.spec:
+            return f"@layer={self.layer}"
+        return ""
 
     @property
     def built(self) -> bool:

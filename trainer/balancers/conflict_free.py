@@ -54,8 +54,8 @@ class IMTLG(Balancer):
 
     needs_gradients = True
 
-    def __init__(self, *, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(self, *, layer: str | None = None, representation: str | None = None):
+        super().__init__(layer=layer, representation=representation)
 
     @property
     def spec(self) -> str:
@@ -99,8 +99,8 @@ class ConFIG(Balancer):
 
     needs_gradients = True
 
-    def __init__(self, *, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(self, *, layer: str | None = None, representation: str | None = None):
+        super().__init__(layer=layer, representation=representation)
 
     @property
     def spec(self) -> str:

@@ -42,8 +42,8 @@ class UPGrad(Balancer):
 
     needs_gradients = True
 
-    def __init__(self, *, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(self, *, layer: str | None = None, representation: str | None = None):
+        super().__init__(layer=layer, representation=representation)
 
     @property
     def spec(self) -> str:
@@ -84,8 +84,8 @@ class DualProj(Balancer):
 
     needs_gradients = True
 
-    def __init__(self, *, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(self, *, layer: str | None = None, representation: str | None = None):
+        super().__init__(layer=layer, representation=representation)
 
     @property
     def spec(self) -> str:

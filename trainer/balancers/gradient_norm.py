@@ -47,8 +47,14 @@ class GradNorm(Balancer):
     needs_gradients = True
     precondition = POSITIVE
 
-    def __init__(self, alpha: float = 1.5, learning_rate: float = 0.025, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(
+        self,
+        alpha: float = 1.5,
+        learning_rate: float = 0.025,
+        layer: str | None = None,
+        representation: str | None = None,
+    ):
+        super().__init__(layer=layer, representation=representation)
         if not alpha >= 0:
             raise ValueError(f"`alpha` ({alpha!r}) must be non-negative.")
         if not learning_rate > 0:

@@ -45,8 +45,8 @@ class MGDA(Balancer):
 
     needs_gradients = True
 
-    def __init__(self, *, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(self, *, layer: str | None = None, representation: str | None = None):
+        super().__init__(layer=layer, representation=representation)
 
     @property
     def spec(self) -> str:
@@ -100,8 +100,10 @@ class CAGrad(Balancer):
 
     needs_gradients = True
 
-    def __init__(self, c: float = 0.4, *, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(
+        self, c: float = 0.4, *, layer: str | None = None, representation: str | None = None
+    ):
+        super().__init__(layer=layer, representation=representation)
         if isinstance(c, bool) or not isinstance(c, Real) or not 0 <= c < math.inf:
             raise ValueError(f"`c` ({c!r}) must be a non-negative number.")
         self.c = float(c)

@@ -46,8 +46,8 @@ class PCGrad(Balancer):
 
     needs_gradients = True
 
-    def __init__(self, seed: int = 0, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(self, seed: int = 0, layer: str | None = None, representation: str | None = None):
+        super().__init__(layer=layer, representation=representation)
         self.seed = int(seed)
 
     @property
@@ -111,8 +111,8 @@ class AlignedMTL(Balancer):
 
     needs_gradients = True
 
-    def __init__(self, layer: str | None = None):
-        super().__init__(layer=layer)
+    def __init__(self, layer: str | None = None, representation: str | None = None):
+        super().__init__(layer=layer, representation=representation)
 
     @property
     def spec(self) -> str:
