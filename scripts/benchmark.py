@@ -35,20 +35,25 @@ compute.
 
 Throughput: all contenders of a model are built in this process, warmed up (`--warmup` steps,
 which cross the first logging and diagnostic step), then timed in turn, `--repeats` times, the
-order rotating every repeat; the median steps per second of each (the steady state) is
-reported with its ratio to the hand-written loop and to the folded limit.
+order rotating every repeat; the median steps per second of each is reported with its ratio
+to the hand-written loop and to the folded limit. While they are timed, the objects built so
+far are frozen out of garbage collection (`gc.freeze`), so that no contender's collections
+scan the other six.
 
 Start-up: each contender first runs alone in a fresh subprocess (the first call pays for
 tracing and for whatever TensorFlow loads on first use; peak memory is only the contender's
 there): the time from calling `fit` (or the first call) to the first step done (a `fit` with
 `steps_per_execution=k` returns after k steps), the wall time of the first 1,000 steps
 (logging and diagnostic steps, and the tracing of the diagnostic step, included) against as
-many steps at the steady state, the same without the first call, and the peak resident set
-(VmHWM, beside the resident set before the first call).
+many steps at the steady state (one timed window run right after, in the same process), the
+same without the first call, and the peak resident set (VmHWM, beside the resident set before
+the first call).
 
 Cost as the number of terms grows: a shared-encoder model with T heads (one term each, T = 2,
-4, 8, 16) under the Trainer: a plain step, a diagnostic step (estimated from one in every 10
-steps) and a step of the gradient balancers `pcgrad` and `mgda`, in plain steps.
+4, 8, 16) under the Trainer, every contender at `steps_per_execution=5`: a plain step, a
+diagnostic step (estimated from `grad_log_every=5`, one per call: 1 + 5 (p / d - 1) plain
+steps, for p and d steps per second) and a step of the gradient balancers `pcgrad` and `mgda`,
+in plain steps.
 
 Targets (BUILD.md): trainer_defaults >= 0.9x folded on the VAE and the CNN; >= 1.0x fit_spe;
 time to first step <= fit_defaults'; the steps after the first call within 10% of the steady
@@ -62,6 +67,7 @@ Only `termwise.Trainer`'s public constructor options and `fit(data, steps=...)` 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import json
@@ -100,12 +106,14 @@ CONTENDERS = (
 )
 FOLD = 100  # steps per graph call of the folded limit
 TERM_COUNTS = (2, 4, 8, 16)
-DIAGNOSTIC_EVERY = 10  # the T table's diagnostic contender: one diagnostic step in every 10
+# The T table: every contender at steps_per_execution=DIAGNOSTIC_EVERY, the diagnostic one with
+# grad_log_every=DIAGNOSTIC_EVERY (one diagnostic step per call, the same calls as the others).
+DIAGNOSTIC_EVERY = 5
 SPE = inspect.signature(Trainer).parameters["steps_per_execution"].default
 STARTUP_PREFIX = "STARTUP_JSON "
 
 # Timed steps per window by default: windows of a second or more on 2 CPU cores.
-STEPS = {"vae": 1000, "cnn": 200, "lstm": 200, "gan": 100, "terms": 200}
+STEPS = {"vae": 1000, "cnn": 200, "lstm": 200, "gan": 100, "terms": 500}
 
 # What --quick changes (flags given explicitly keep their values).
 QUICK = {"steps": 5, "repeats": 1, "warmup": 0, "first_steps": 5, "terms": "2", "isolate": False}
@@ -443,23 +451,32 @@ PROBLEMS = {p.name: p for p in (VAEProblem, CNNProblem, LSTMProblem, GANProblem)
 
 
 class TrainerRunner:
-    """A Trainer: `fit(data, steps=n)` and `fit(data, until_step=n)`, nothing else."""
+    """A Trainer: `fit(data, steps=n)` and `fit(data, until_step=n)`, nothing else.
+
+    What the Trainer prints with `progress=False` (trees differ: absl log lines, or lines on
+    standard output) goes to /dev/null, written as to any file, so that this script's own
+    progress lines stay readable.
+    """
 
     def __init__(self, trainer: Trainer, data: tf.data.Dataset, log_dir: str | None = None):
         self.trainer = trainer
         self.data = data
         self.log_dir = log_dir  # removed by close()
         self.done = 0
+        self._sink = open(os.devnull, "w")  # noqa: SIM115 - closed by close()
 
     def run(self, steps: int) -> None:
-        self.trainer.fit(self.data, steps=steps)
+        with contextlib.redirect_stdout(self._sink):
+            self.trainer.fit(self.data, steps=steps)
         self.done += steps
 
     def run_until(self, step: int) -> None:
-        self.trainer.fit(self.data, until_step=step)
+        with contextlib.redirect_stdout(self._sink):
+            self.trainer.fit(self.data, until_step=step)
         self.done = max(self.done, step)
 
     def close(self) -> None:
+        self._sink.close()
         if self.log_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -598,45 +615,40 @@ def _memory_mb() -> dict[str, float]:
 
 
 def _timed(fn, *args) -> float:
-    gc.collect()
+    gc.collect()  # what the last window left
     start = time.perf_counter()
     fn(*args)
     return time.perf_counter() - start
 
 
-def startup(runner, first_steps: int, *, isolated: bool) -> dict:
-    """Times a fresh runner's first call and its first `first_steps` steps (from that call)."""
+def startup(runner, first_steps: int, steady_steps: int, *, isolated: bool) -> dict:
+    """Times a fresh runner's first call, its first `first_steps` steps (from that call), and
+    then `steady_steps` more: the steady state in the same process, right after."""
     before = _memory_mb()
     start = time.perf_counter()
     runner.run(1)
     first = time.perf_counter() - start
     first_call_steps = runner.done
     runner.run_until(first_steps)
+    early = time.perf_counter() - start
+    early_steps = runner.done
+    steady = _timed(runner.run, steady_steps)
+    per_step = steady / (runner.done - early_steps)
+    rest = early_steps - first_call_steps
     result = {
         "time_to_first_step_s": first,
         "first_call_steps": first_call_steps,
-        "first_steps": runner.done,
-        "first_steps_s": time.perf_counter() - start,
+        "first_steps": early_steps,
+        "first_steps_s": early,
+        "steady_steps_per_sec": 1.0 / per_step,
+        "first_steps_vs_steady": early / (early_steps * per_step),
+        "after_first_call_vs_steady": (early - first) / (rest * per_step) if rest > 0 else None,
         "isolated": isolated,
     }
     if isolated:
         result["rss_before_first_call_mb"] = before.get("VmRSS")
         result["peak_rss_mb"] = _memory_mb().get("VmHWM")
     return result
-
-
-def against_steady(start: dict, steps_per_sec: float) -> dict:
-    """The start-up's windows against the steady state (the median interleaved throughput)."""
-    rest = start["first_steps"] - start["first_call_steps"]
-    per_step = 1.0 / steps_per_sec
-    return {
-        "first_steps_vs_steady": start["first_steps_s"] / (start["first_steps"] * per_step),
-        "after_first_call_vs_steady": (
-            (start["first_steps_s"] - start["time_to_first_step_s"]) / (rest * per_step)
-            if rest > 0
-            else None
-        ),
-    }
 
 
 def startup_in_subprocess(model: str, contender: str) -> dict:
@@ -647,6 +659,7 @@ def startup_in_subprocess(model: str, contender: str) -> dict:
         f"--startup={model}/{contender}",
         f"--batch_size={FLAGS.batch_size}",
         f"--first_steps={FLAGS.first_steps}",
+        f"--steps={FLAGS.steps or STEPS[model]}",
     ]
     out = subprocess.run(command, capture_output=True, text=True, check=False, timeout=1800)
     lines = [line for line in out.stdout.splitlines() if line.startswith(STARTUP_PREFIX)]
@@ -667,7 +680,7 @@ def run_startup_worker(spec: str) -> None:
         )
     runner = make_runner(PROBLEMS[model](), contender, FLAGS.batch_size)
     try:
-        result = startup(runner, FLAGS.first_steps, isolated=True)
+        result = startup(runner, FLAGS.first_steps, FLAGS.steps or STEPS[model], isolated=True)
     finally:
         runner.close()
     print(STARTUP_PREFIX + json.dumps(result), flush=True)
@@ -677,6 +690,19 @@ def interleaved(runners: dict, steps: int, repeats: int, tag: str) -> dict[str, 
     """Steps per second of each runner, `repeats` times, in an order rotating every repeat."""
     names = list(runners)
     rates: dict[str, list[float]] = {name: [] for name in names}
+    # The objects of every contender built so far go to the permanent generation, so that a
+    # window's garbage collections scan what a one-model process would, not all the others.
+    gc.collect()
+    gc.freeze()
+    try:
+        _rotate(runners, steps, repeats, tag, rates)
+    finally:
+        gc.unfreeze()
+    return rates
+
+
+def _rotate(runners: dict, steps: int, repeats: int, tag: str, rates: dict) -> None:
+    names = list(runners)
     for repeat in range(repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
@@ -686,7 +712,6 @@ def interleaved(runners: dict, steps: int, repeats: int, tag: str) -> dict[str, 
             rates[name].append((runner.done - begin) / elapsed)
         line = ", ".join(f"{n} {rates[n][-1]:.0f}" for n in names)
         print(f"[{tag}] repeat {repeat + 1}/{repeats} (steps/s): {line}", flush=True)
-    return rates
 
 
 def benchmark_model(name: str) -> dict:
@@ -697,16 +722,17 @@ def benchmark_model(name: str) -> dict:
         for contender in CONTENDERS:
             starts[contender] = startup_in_subprocess(name, contender)
             _print_startup(name, contender, starts[contender])
+    steps = FLAGS.steps or STEPS[name]
     runners = {c: make_runner(problem, c, FLAGS.batch_size) for c in CONTENDERS}
     try:
         for contender, runner in runners.items():
             if not FLAGS.isolate:
-                starts[contender] = startup(runner, FLAGS.first_steps, isolated=False)
+                starts[contender] = startup(runner, FLAGS.first_steps, steps, isolated=False)
                 _print_startup(name, contender, starts[contender])
             else:
                 runner.run(1)
             runner.run_until(max(FLAGS.warmup, runner.done))
-        rates = interleaved(runners, FLAGS.steps or STEPS[name], FLAGS.repeats, name)
+        rates = interleaved(runners, steps, FLAGS.repeats, name)
         jit = {
             c: bool(getattr(r.model, "jit_compile", False))
             for c, r in runners.items()
@@ -728,7 +754,6 @@ def benchmark_model(name: str) -> dict:
             "ratio_to_handwritten": rate / medians["handwritten"],
             "ratio_to_folded": rate / medians["folded"],
             **starts[contender],
-            **against_steady(starts[contender], rate),
         }
     return {
         "title": problem.title,
@@ -783,11 +808,11 @@ def multitask_problem(num_terms: int, examples: int = 2048, features: int = 32):
     return (x, y), build
 
 
-TERM_CONTENDERS = {
-    "plain": {"log_every": 0, "grad_log_every": 0},
-    "diagnostic": {"log_every": 0, "grad_log_every": DIAGNOSTIC_EVERY},
-    "pcgrad": {"log_every": 0, "grad_log_every": 0, "balancer": "pcgrad"},
-    "mgda": {"log_every": 0, "grad_log_every": 0, "balancer": "mgda"},
+TERM_CONTENDERS = {  # beside progress=False, log_every=0, steps_per_execution=DIAGNOSTIC_EVERY
+    "plain": {"grad_log_every": 0},
+    "diagnostic": {"grad_log_every": DIAGNOSTIC_EVERY},
+    "pcgrad": {"grad_log_every": 0, "balancer": "pcgrad"},
+    "mgda": {"grad_log_every": 0, "balancer": "mgda"},
 }
 
 
@@ -797,18 +822,30 @@ def benchmark_terms(counts) -> dict:
         arrays, build = multitask_problem(count)
         runners = {
             name: TrainerRunner(
-                MultiTaskTrainer(build(), keras.optimizers.Adam(1e-3), progress=False, **options),
+                MultiTaskTrainer(
+                    build(),
+                    keras.optimizers.Adam(1e-3),
+                    progress=False,
+                    log_every=0,
+                    steps_per_execution=DIAGNOSTIC_EVERY,
+                    **options,
+                ),
                 _pipeline(arrays, FLAGS.batch_size),
             )
             for name, options in TERM_CONTENDERS.items()
         }
-        for runner in runners.values():
-            runner.run_until(max(FLAGS.warmup, DIAGNOSTIC_EVERY))
-        steps = FLAGS.steps or STEPS["terms"]
-        rates = interleaved(runners, steps, FLAGS.repeats, f"T={count}")
+        try:
+            for runner in runners.values():
+                runner.run_until(max(FLAGS.warmup, DIAGNOSTIC_EVERY))
+            steps = FLAGS.steps or STEPS["terms"]
+            rates = interleaved(runners, steps, FLAGS.repeats, f"T={count}")
+        finally:
+            for runner in runners.values():
+                runner.close()
         medians = {n: statistics.median(r) for n, r in rates.items()}
         plain = medians["plain"]
-        # A diagnostic step in every DIAGNOSTIC_EVERY: its extra time, over one plain step.
+        # One diagnostic step in every DIAGNOSTIC_EVERY, in calls like the plain contender's:
+        # k (d - p) is its extra time over a plain step (per-step times d, p).
         slowdown = plain / medians["diagnostic"] - 1.0
         results[str(count)] = {
             "steps_per_sec": medians,
@@ -953,7 +990,7 @@ def markdown(result: dict) -> str:
                 f"{c['ratio_to_folded']:.2f}x",
                 first,
                 f"{c['first_steps_s']:.2f}",
-                f"{c['first_steps'] / c['steps_per_sec']:.2f}",
+                f"{c['first_steps'] / c['steady_steps_per_sec']:.2f}",
                 _number(c["after_first_call_vs_steady"], ".2f", "x"),
                 peak,
             ]
@@ -968,9 +1005,9 @@ def markdown(result: dict) -> str:
         lines += [
             "## Cost as the number of terms grows",
             "",
-            "A shared encoder (2 x dense 64) with T heads, one term each, under the Trainer: each "
-            "step's cost in plain steps (the diagnostic step estimated from one in every "
-            f"{DIAGNOSTIC_EVERY}).",
+            "A shared encoder (2 x dense 64) with T heads, one term each, under the Trainer at "
+            f"steps_per_execution={DIAGNOSTIC_EVERY}: each step's cost in plain steps (the "
+            f"diagnostic step estimated from grad_log_every={DIAGNOSTIC_EVERY}, one per call).",
             "",
             "| T | plain steps/s | diagnostic step | pcgrad step | mgda step |",
             "|---:|---:|---:|---:|---:|",
