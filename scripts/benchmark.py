@@ -1,6 +1,6 @@
 """Speed of the Trainer against `keras.Model.fit` and hand-written loops, as ratios from one run.
 
-    python scripts/benchmark.py --json=bench.json --markdown=bench.md    # ~12 min on 2 CPU cores
+    python scripts/benchmark.py --json=bench.json --markdown=bench.md    # ~15 min, 2 idle cores
     python scripts/benchmark.py --models=vae,cnn --repeats=5              # a subset, more repeats
     python scripts/benchmark.py --quick                                   # a tiny run (tests)
 
