@@ -212,7 +212,7 @@ def train_and_evaluate(
     train = data_lib.batches(
         (split.x_train, split.y_train), config.batch_size, shuffle=True, seed=config.seed
     )
-    trainer.fit(train, until_step=config.steps)
+    trainer.fit(train, until_step=config.steps, **config.validation(test))
     results = trainer.evaluate(test)
     _save_models(trainer, config.log_dir, {"classifier": classifier, "penalized": model})
     logging.info(

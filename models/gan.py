@@ -489,7 +489,6 @@ def train_and_evaluate(
             "gp_weight": gp_weight,
             "feature_matching": feature_matching,
             "drift": drift,
-            "discriminator_learning_rate": discriminator_learning_rate or config.learning_rate,
             "ema_momentum": ema_momentum if ema_momentum is not None else "none",
             "n_critic": n_critic,
         }
@@ -501,7 +500,9 @@ def train_and_evaluate(
             gp_weight=gp_weight,
             feature_matching=feature_matching,
             phase_steps={"discriminator": n_critic},
-            **trainer_options(config, strategy, hparams=hparams),
+            **trainer_options(
+                config, strategy, hparams=hparams, hparams_metrics=("eval/fid", "eval/fid_floor")
+            ),
         )
         test = data_lib.batches(split.x_test, config.batch_size, shuffle=False, seed=config.seed)
         trainer.build(test)
@@ -516,7 +517,7 @@ def train_and_evaluate(
         stop = config.steps
         if sample_every:
             stop = min(stop, (trainer.step // sample_every + 1) * sample_every)
-        trainer.fit(train, until_step=stop)
+        trainer.fit(train, until_step=stop, **config.validation(test))
         if trainer.step < config.steps:
             write_samples(trainer, latents, config.log_dir, trainer.step)
             if scorer is not None:

@@ -182,15 +182,16 @@ def train_and_evaluate(
             "units": units,
             "kl_target": kl_target,
         }
-        trainer = LSTMTrainer(
-            model, optimizer, **trainer_options(config, strategy, hparams=hparams)
+        options = trainer_options(
+            config, strategy, hparams=hparams, hparams_metrics=("eval/mse_ratio",)
         )
+        trainer = LSTMTrainer(model, optimizer, **options)
         test = data_lib.batches((split.x_test, split.y_test), 256, shuffle=False, seed=config.seed)
         trainer.build(test)
     train = data_lib.batches(
         (split.x_train, split.y_train), config.batch_size, shuffle=True, seed=config.seed
     )
-    trainer.fit(train, until_step=config.steps)
+    trainer.fit(train, until_step=config.steps, **config.validation(test))
     results = trainer.evaluate(test)
     results["mse_ratio"] = results["mse"] / results["persistence_mse"]
     if trainer.writer is not None:

@@ -218,6 +218,8 @@ def train_and_evaluate(
             raise ValueError(f"--latent_dim ({latent_dim}) must be a positive integer.")
         if not beta > 0:
             raise ValueError(f"--beta ({beta}) must be positive.")
+        if not free_bits >= 0:  # NaN too
+            raise ValueError(f"--free_bits ({free_bits!r}) must be >= 0 (0 turns free bits off).")
         split = data_lib.load_images(config.dataset, seed=config.seed)
         weights = dict(config.weights)
         kl_schedule = schedules.parse(weights.get("kl", kl_warmup))
@@ -230,13 +232,18 @@ def train_and_evaluate(
             "free_bits": free_bits,
             "beta": beta,
         }
-        trainer = VAETrainer(
-            vae, optimizer, **trainer_options(config, strategy, weights=weights, hparams=hparams)
+        options = trainer_options(
+            config,
+            strategy,
+            weights=weights,
+            hparams=hparams,
+            hparams_metrics=("eval/negative_elbo", "eval/fid", "eval/fid_floor"),
         )
+        trainer = VAETrainer(vae, optimizer, **options)
         test = data_lib.batches(split.x_test, config.batch_size, shuffle=False, seed=config.seed)
         trainer.build(test)
     train = data_lib.batches(split.x_train, config.batch_size, shuffle=True, seed=config.seed)
-    trainer.fit(train, until_step=config.steps)
+    trainer.fit(train, until_step=config.steps, **config.validation(test))
     results = trainer.evaluate(test)
     results["negative_elbo"] = results["reconstruction"] + results["kl"]
     step = trainer.step

@@ -20,7 +20,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from termwise.trainer.loop import Action, LoopState
-from termwise.trainer.step import COSINE_MATRIX, EXAMPLES, GRADIENT_TAGS, LAYER_NORMS
+from termwise.trainer.step import (
+    COSINE_MATRIX,
+    EXAMPLES,
+    GRADIENT_TAGS,
+    GRADIENT_VALUES,
+    LAYER_NORMS,
+)
 
 
 class Diagnose(Action):
@@ -40,13 +46,17 @@ class Diagnose(Action):
         scalars = {k: float(v) for k, v in outputs.items() if k.startswith(GRADIENT_TAGS)}
         matrices = _by_phase(outputs, COSINE_MATRIX)
         layer_norms = _by_phase(outputs, LAYER_NORMS)
+        gradients = _by_phase(outputs, GRADIENT_VALUES)  # by term: with histogram_every only
+        messages = []
         if trainer._dominance is not None:
             for phase, names in trainer.term_names.items():
                 norms = {n: scalars[f"grad_norm/{n}"] for n in names}
                 weights = {n: loop.logs.get(f"weight/{n}", 1.0) for n in names}
-                trainer._dominance.update(phase, norms, weights, loop.step)
+                messages += trainer._dominance.update(phase, norms, weights, loop.step)
         loop.logs.update(scalars)
-        trainer._write_diagnostics(loop.step, scalars, matrices, layer_norms)
+        trainer._write_diagnostics(
+            loop.step, scalars, matrices, layer_norms, gradients or None, messages
+        )
         self.history.record(loop.step, scalars)
 
 
@@ -66,9 +76,11 @@ class LogScalars(Action):
         self.history = history
         self._last_time = time.perf_counter()
         self._last_step = 0
+        self._skipped = 0
 
     def begin(self, loop: LoopState) -> None:
         self._last_time, self._last_step = time.perf_counter(), loop.start
+        self._skipped = self.trainer.skipped_steps
 
     def at_boundary(self, loop: LoopState) -> None:
         trainer = self.trainer
@@ -87,11 +99,22 @@ class LogScalars(Action):
         rate = (loop.step - self._last_step) / max(now - self._last_time, 1e-9)
         logs["perf/steps_per_sec"] = rate
         logs["perf/examples_per_sec"] = rate * examples
+        skipped = 0
         if trainer.on_nonfinite == "skip":
-            logs["nonfinite/skipped"] = float(trainer.skipped_steps)
-        self._last_time, self._last_step = now, loop.step
+            skipped = trainer.skipped_steps
+            logs["nonfinite/skipped"] = float(skipped)
         loop.logs.update(logs)
         trainer._write(loop.step, logs)
+        if skipped > self._skipped and trainer.writer is not None:
+            trainer.writer.text(
+                "warnings/nonfinite",
+                f"{skipped - self._skipped} step(s) after step {self._last_step} up to step "
+                f"{loop.step} were skipped: a term, a weight or the gradient was NaN or Inf "
+                f"(on_nonfinite='skip'); {skipped} skipped in all.",
+                loop.step,
+            )
+        self._skipped = skipped
+        self._last_time, self._last_step = now, loop.step
         self.history.record(loop.step, logs)
 
 

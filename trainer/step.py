@@ -37,6 +37,7 @@ from termwise.trainer.options import Phase
 GRADIENT_TAGS = ("grad_norm/", "grad_cosine/", "grad_share/", "grad_conflict/")
 COSINE_MATRIX = "grad_cosine_matrix"  # a [T, T] output of diagnostic steps, drawn as an image
 LAYER_NORMS = "grad_layer_norms"  # a [T, L] output: each weighted term's gradient norm per layer
+GRADIENT_VALUES = "grad_values"  # with histogram_every: each weighted term's gradient, flattened
 EXAMPLES = "examples"  # per-step logs: the examples the step read
 APPLIED = "applied"  # per-step logs: 1 when the step's updates were applied
 
@@ -234,6 +235,11 @@ class StepMixin:
                 norms = gradients_lib.layer_norms(stacks, segments) * scale
                 w = tf.ones([len(names)]) if coefficients is None else coefficients
                 logs[f"{LAYER_NORMS}/{phase.name}"] = tf.abs(w)[:, None] * norms / replicas
+            if self.histogram_every:  # the weighted gradients themselves, for histograms
+                w = tf.ones([len(names)]) if coefficients is None else coefficients
+                flat = tf.concat(stacks, axis=1) * scale
+                for i, name in enumerate(names):
+                    logs[f"{GRADIENT_VALUES}/{name}"] = w[i] * flat[i] / replicas
         return grads, weights, updates, valid, logs
 
     def _replica_train_step(self, batches, diagnostic: bool = False):

@@ -1,119 +1,580 @@
-"""TensorBoard output: scalars by tag, the custom-scalars layout, hparams and images.
+"""TensorBoard output: scalars by tag and by term, the layouts, hparams, text and images.
 
-The tags are a contract (see DESIGN.md): `loss/<term>`, `weight/<term>`, `weighted/<term>`,
-`total/<phase>`, `grad_norm/<term>`, `grad_cosine/<term>`, `grad_conflict/<phase>`,
-`optimizer/<phase>/learning_rate`, `perf/...`, `eval/<term>`, and the image
-`images/grad_cosine/<phase>` (the pairwise cosines of a phase's term gradients). Everything
-here runs outside the compiled step, on Python floats or eager tensors, so the step knows
-nothing of files (the Orbit split).
+The tags are a contract (see DESIGN.md and the README's tag table). In the run directory
+itself: `loss/<term>`, `weight/<term>`, `weighted/<term>`, `share/<term>`, `total/<phase>`,
+`grad_norm/<term>`, `grad_cosine/<term>`, `grad_share/<term>`, `grad_cosine/<a>~<b>`,
+`grad_conflict/<phase>`, `metric/<name>`, `optimizer/<phase>/learning_rate`, `perf/...`,
+`eval/<name>`, the images `images/grad_cosine/<phase>` and `images/term_layer_share/<phase>`,
+and the text `run/summary` and `warnings/...`.
+
+Each term also has its own run, `<log_dir>/terms/<term>/`, as Keras writes `train/` and
+`validation/`: there the same quantities are `by_term/<phase>/<quantity>` (`loss`, `weight`,
+`weighted`, `share`, `grad_norm`, `grad_cosine`, `grad_share`). TensorBoard colours and names
+lines by run, so each of those charts has one coloured line per term, named in the legend; the
+`by_term` group sorts first in Time Series, which opens its first two groups.
+
+Everything here runs outside the compiled step, on Python floats or eager tensors, so the step
+knows nothing of files (the Orbit split).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.hparams import api as hparams_api
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-# (category, chart title, tag regex): one multi-line chart per family.
-LAYOUT = (
-    ("terms", "values: loss/<term>", r"loss/.*"),
-    ("terms", "weights: weight/<term>", r"weight/.*"),
-    ("terms", "weighted values: weighted/<term>", r"weighted/.*"),
-    ("terms", "totals: total/<phase>", r"total/.*"),
-    ("gradients", "gradient norms: grad_norm/<term>", r"grad_norm/.*"),
-    ("gradients", "cosine to the total gradient: grad_cosine/<term>", r"grad_cosine/.*"),
-    ("gradients", "conflicting pairs: grad_conflict/<phase>", r"grad_conflict/.*"),
-    ("evaluation", "eval/<term>", r"eval/.*"),
+__all__ = [
+    "BY_TERM",
+    "FAMILIES",
+    "PER_TERM",
+    "SummaryWriter",
+    "TERMS_DIR",
+    "heatmap_image",
+    "layer_shares",
+    "layout_proto",
+    "metric_tag",
+    "read_events",
+    "run_summary",
+    "scalar_series",
+    "term_run",
+]
+
+# The per-term quantities: a flat tag `<quantity>/<term>` in the run directory is also written
+# as `by_term/<phase>/<quantity>` in the term's own run.
+PER_TERM = ("loss", "weight", "weighted", "share", "grad_norm", "grad_cosine", "grad_share")
+BY_TERM = "by_term"  # the tag group of the per-term runs ("b" sorts before "eval", "loss", ...)
+TERMS_DIR = "terms"  # <log_dir>/terms/<term>/: one run per term
+
+# The tag families the Trainer writes; any other logged name is an `add_metric` value, written
+# as `metric/<name>` so that metrics form one group beside (not among) the terms' families.
+FAMILIES = (
+    *(f"{q}/" for q in PER_TERM),
+    "total/",
+    "grad_conflict/",
+    "metric/",
+    "optimizer/",
+    "perf/",
+    "eval/",
+    "nonfinite/",
 )
 
 
-def layout_proto() -> layout_pb2.Layout:
-    """The custom-scalars layout: one multi-line chart per tag family."""
-    categories: dict[str, list] = {}
-    for category, title, regex in LAYOUT:
-        chart = layout_pb2.Chart(
-            title=title, multiline=layout_pb2.MultilineChartContent(tag=[regex])
-        )
-        categories.setdefault(category, []).append(chart)
-    return layout_pb2.Layout(
-        category=[layout_pb2.Category(title=t, chart=c) for t, c in categories.items()]
+def metric_tag(name: str) -> str:
+    """The tag of a logged value: its own name in a known family, else `metric/<name>`."""
+    return name if name.startswith(FAMILIES) else f"metric/{name}"
+
+
+def run_summary(
+    *,
+    command: Sequence[str],
+    versions: Mapping[str, str],
+    phases: Mapping[str, Sequence[tuple[str, str]]],
+    balancers: Mapping[str, str],
+    options: Mapping[str, object],
+) -> str:
+    """The markdown of the `run/summary` text: what ran, with what, in which versions.
+
+    Args:
+        command: the command line (`sys.argv`).
+        versions: package name to version.
+        phases: phase name to its (term, weight) pairs, in the order they are summed.
+        balancers: phase name to its balancer ("none" when it has none).
+        options: the run's hyperparameters.
+    """
+    import shlex
+
+    lines = [f"**command**: `{shlex.join(command) or '(none)'}`", ""]
+    lines.append("**versions**: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    lines += ["", "| phase | # | term | weight | balancer |", "|---|---|---|---|---|"]
+    for phase, terms in phases.items():
+        for i, (term, weight) in enumerate(terms):
+            balancer = balancers.get(phase, "none") if i == 0 else ""
+            lines.append(
+                f"| {phase} | {i + 1} | {_markdown_escape(term)} | {_markdown_escape(weight)} | "
+                f"{_markdown_escape(balancer)} |"
+            )
+    lines += ["", "| option | value |", "|---|---|"]
+    lines += [f"| {_markdown_escape(k)} | {_markdown_escape(v)} |" for k, v in options.items()]
+    return "\n".join(lines)
+
+
+# (chart title, quantity) of each phase's category in the custom-scalars layout.
+_TERM_CHARTS = (
+    ("share of the total: weighted / total", "share"),
+    ("share of the update (diagnostic steps)", "grad_share"),
+    ("values, unweighted", "loss"),
+    ("weights (schedule x balancer)", "weight"),
+    ("weighted values", "weighted"),
+    ("gradient norms of the weighted terms", "grad_norm"),
+    ("cosine to the update", "grad_cosine"),
+)
+
+
+def term_run(term: str) -> str:
+    """The run directory of a term, relative to the log directory (`terms/<term>`).
+
+    A `/` in a term's name (`enc_a/kl`) nests the directory; `.` and `..` parts become `_`.
+    """
+    parts = [p if p not in ("", ".", "..") else "_" for p in term.split("/")]
+    return os.path.join(TERMS_DIR, *parts)
+
+
+def layout_proto(phases: Sequence[str] = ("train",)) -> layout_pb2.Layout:
+    """The custom-scalars layout: per phase, one chart per quantity with a line per term.
+
+    Each chart selects `by_term/<phase>/<quantity>`, which only the term runs hold, so its lines
+    are the terms, coloured and named by their runs. A last category holds the phase totals,
+    the conflicting pairs, the pairwise cosines and the evaluations.
+    """
+    categories = []
+    for phase in phases:
+        charts = [
+            layout_pb2.Chart(
+                title=f"{phase}: {title}",
+                multiline=layout_pb2.MultilineChartContent(
+                    tag=[rf"^{BY_TERM}/{re.escape(phase)}/{quantity}$"]
+                ),
+            )
+            for title, quantity in _TERM_CHARTS
+        ]
+        categories.append(layout_pb2.Category(title=f"terms of phase {phase}", chart=charts))
+    overall = [
+        ("totals: total/<phase>", r"^total/"),
+        ("evaluation: eval/<name>", r"^eval/"),
+        ("conflicting pairs: grad_conflict/<phase>", r"^grad_conflict/"),
+        ("pairwise gradient cosines: grad_cosine/<a>~<b>", r"^grad_cosine/.*~"),
+        ("metrics: metric/<name>", r"^metric/"),
+    ]
+    charts = [
+        layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=[regex]))
+        for title, regex in overall
+    ]
+    categories.append(layout_pb2.Category(title="phases and evaluation", chart=charts))
+    return layout_pb2.Layout(category=categories)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heatmaps, drawn with Pillow.
+
+_DIVERGING = ((0.02, 0.19, 0.38), (0.26, 0.58, 0.76), (0.97, 0.97, 0.97), (0.84, 0.38, 0.30),
+              (0.40, 0.0, 0.12))  # fmt: skip
+_SEQUENTIAL = ((0.97, 0.98, 1.0), (0.62, 0.79, 0.88), (0.26, 0.57, 0.78), (0.03, 0.19, 0.42))
+
+
+def _colour(value: float, low: float, high: float, stops) -> tuple[int, int, int]:
+    """The colour of `value` on a piecewise-linear scale through `stops` from low to high."""
+    t = 0.0 if high == low else (min(max(value, low), high) - low) / (high - low)
+    position = t * (len(stops) - 1)
+    i = min(int(position), len(stops) - 2)
+    f = position - i
+    return tuple(
+        int(round(255 * (a + f * (b - a)))) for a, b in zip(stops[i], stops[i + 1], strict=True)
     )
 
 
-def cosine_image(matrix, cell: int = 16) -> np.ndarray:
-    """An RGB image ([T*cell, T*cell, 3], in [0, 1]) of a T x T cosine matrix.
+def _font(size: int):
+    from PIL import ImageFont
 
-    Each cell is one pair of terms: red for +1, white for 0, blue for -1 (row i, column j is
-    the cosine between terms i and j, in the order of the phase's term names).
+    return ImageFont.load_default(size=size)
+
+
+def heatmap_image(
+    matrix,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    *,
+    title: str = "",
+    low: float = -1.0,
+    high: float = 1.0,
+    diverging: bool = True,
+    min_width: int = 320,
+    missing: str = "n/a",
+) -> np.ndarray:
+    """Draws a labelled heatmap: names on both axes, the value in each cell, a colour bar.
+
+    Args:
+        matrix: [len(rows), len(columns)] values; NaN cells are grey and show `missing`.
+        rows, columns: the axis labels (column labels are written vertically).
+        title: a line above the map.
+        low, high: the ends of the colour scale (values beyond are clipped to its colours).
+        diverging: blue through white to red (a signed quantity), else white to blue.
+        min_width: the image is at least this many pixels wide.
+        missing: the text of NaN cells.
+
+    Returns:
+        A uint8 RGB image [height, width, 3].
     """
-    m = np.clip(np.nan_to_num(np.asarray(matrix, dtype=np.float32)), -1.0, 1.0)
-    positive, negative = np.maximum(m, 0.0), np.maximum(-m, 0.0)
-    image = np.stack([1.0 - negative, 1.0 - positive - negative, 1.0 - positive], axis=-1)
-    image = np.repeat(np.repeat(image, cell, axis=0), cell, axis=1)
-    return np.clip(image, 0.0, 1.0)
+    from PIL import Image, ImageDraw
+
+    values = np.asarray(matrix, dtype=np.float64).reshape(len(rows), len(columns))
+    stops = _DIVERGING if diverging else _SEQUENTIAL
+    font, small = _font(13), _font(11)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text, f=font):
+        box = probe.textbbox((0, 0), text, font=f)
+        return box[2] - box[0], box[3] - box[1]
+
+    pad = 8
+    cell_w = max(56, max((size(c)[1] for c in columns), default=0) + 12)
+    cell_h = 30
+    left = pad + max((size(r)[0] for r in rows), default=0) + pad
+    top = pad + (size(title)[1] + pad if title else 0)
+    top += max((size(c)[0] for c in columns), default=0) + pad
+    bar_x = left + cell_w * len(columns) + 2 * pad
+    bar_w = 16
+    scale_w = max(size(f"{v:+.2f}", small)[0] for v in (low, high)) + pad
+    width = max(min_width, bar_x + bar_w + 6 + scale_w + pad)
+    grid_h = cell_h * len(rows)
+    height = top + max(grid_h, 120) + pad
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    if title:
+        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    for j, name in enumerate(columns):  # vertical labels, bottom-aligned on the grid
+        w, h = size(name)
+        label = Image.new("RGB", (w + 4, h + 6), (255, 255, 255))
+        ImageDraw.Draw(label).text((2, -probe.textbbox((0, 0), name, font=font)[1] + 2), name,
+                                   fill=(0, 0, 0), font=font)  # fmt: skip
+        label = label.rotate(90, expand=True)
+        x = left + j * cell_w + (cell_w - label.width) // 2
+        image.paste(label, (x, top - pad - label.height + 4))
+    for i, name in enumerate(rows):
+        w, h = size(name)
+        draw.text((left - pad - w, top + i * cell_h + (cell_h - h) // 2 - 2), name,
+                  fill=(0, 0, 0), font=font)  # fmt: skip
+        for j in range(len(columns)):
+            value = values[i, j]
+            x0, y0 = left + j * cell_w, top + i * cell_h
+            if math.isfinite(value):
+                fill = _colour(value, low, high, stops)
+                text = f"{value:+.2f}" if diverging else f"{value:.2f}"
+            else:
+                fill, text = (225, 225, 225), missing
+            draw.rectangle([x0, y0, x0 + cell_w - 1, y0 + cell_h - 1], fill=fill,
+                           outline=(255, 255, 255))  # fmt: skip
+            luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
+            ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+            tw, th = size(text)
+            draw.text((x0 + (cell_w - tw) // 2, y0 + (cell_h - th) // 2 - 2), text, fill=ink,
+                      font=font)  # fmt: skip
+    bar_h = max(grid_h, 120)
+    for k in range(bar_h):  # the colour bar: high at the top
+        value = high - (high - low) * k / max(bar_h - 1, 1)
+        draw.line([bar_x, top + k, bar_x + bar_w, top + k], fill=_colour(value, low, high, stops))
+    draw.rectangle([bar_x, top, bar_x + bar_w, top + bar_h - 1], outline=(0, 0, 0))
+    ticks = (high, (low + high) / 2, low)
+    for k, value in enumerate(ticks):
+        y = top + round(k * (bar_h - 1) / (len(ticks) - 1))
+        draw.line([bar_x + bar_w, y, bar_x + bar_w + 4, y], fill=(0, 0, 0))
+        text = f"{value:+.2f}" if diverging else f"{value:.2f}"
+        _, th = size(text, small)
+        draw.text((bar_x + bar_w + 6, min(max(y - th // 2 - 2, 0), height - th - 4)), text,
+                  fill=(0, 0, 0), font=small)  # fmt: skip
+    return np.asarray(image, dtype=np.uint8)
+
+
+def layer_shares(norms) -> np.ndarray:
+    """Each term's share of each layer's gradient norm: ``|g_t,l| / sum_s |g_s,l|``.
+
+    Args:
+        norms: [T, L] norms of each weighted term's gradient restricted to each layer.
+
+    Returns:
+        [T, L] float64 shares; each layer's column sums to 1, or is NaN where no term has a
+        gradient in that layer.
+    """
+    norms = np.abs(np.asarray(norms, dtype=np.float64))
+    totals = norms.sum(axis=0, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, norms / np.where(totals > 0, totals, 1.0), np.nan)
+
+
+def _fallback_heatmap(matrix, low: float, high: float, cell: int = 24) -> np.ndarray:
+    """Without Pillow: the cells alone (no text), upscaled, as uint8 RGB."""
+    values = np.nan_to_num(np.asarray(matrix, dtype=np.float64), nan=low)
+    rgb = np.array([[_colour(v, low, high, _DIVERGING) for v in row] for row in values])
+    return np.repeat(np.repeat(rgb.astype(np.uint8), cell, axis=0), cell, axis=1)
+
+
+def _draw(matrix, rows, columns, **options) -> np.ndarray:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:  # Pillow ships with the `examples` and `test` extras
+        return _fallback_heatmap(matrix, options.get("low", -1.0), options.get("high", 1.0))
+    return heatmap_image(matrix, rows, columns, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# The writer.
+
+
+def _write_restart(writer, step: int) -> None:
+    """Writes two `SessionLog(status=START)` events at `step` into a TF2 summary writer (see
+    `SummaryWriter.restart`). TF2's writers have no API for non-summary events: the public raw
+    op `ImportEvent` writes the serialized event into the writer's private `_resource`."""
+    event = event_pb2.Event(
+        step=step,
+        wall_time=time.time(),
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+    )
+    for _ in range(2):
+        tf.raw_ops.ImportEvent(writer=writer._resource, event=event.SerializeToString())
+
+
+def _markdown_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
 
 
 class SummaryWriter:
-    """Writes the Trainer's TensorBoard events into one run directory."""
+    """Writes the Trainer's TensorBoard events: the run directory and one run per term.
 
-    def __init__(self, log_dir: str):
+    Args:
+        log_dir: the run directory.
+        term_names: phase name to its term names, in order (see `set_terms`).
+    """
+
+    def __init__(self, log_dir: str, term_names: Mapping[str, Sequence[str]] | None = None):
         self.log_dir = log_dir
         self._writer = tf.summary.create_file_writer(log_dir)
+        self._term_writers: dict[str, tf.summary.SummaryWriter] = {}
+        self._restart_step: int | None = None  # see `restart`
+        self._phase_of: dict[str, str] = {}  # term -> phase
         self._layout_written = False
+        self.term_names: dict[str, tuple[str, ...]] = {}
+        if term_names:
+            self.set_terms(term_names)
+
+    def set_terms(self, term_names: Mapping[str, Sequence[str]]) -> None:
+        """Names each phase's terms: their flat tags are then also written to their own runs."""
+        self.term_names = {phase: tuple(names) for phase, names in term_names.items()}
+        self._phase_of = {n: phase for phase, names in self.term_names.items() for n in names}
+
+    def _term_writer(self, term: str) -> tf.summary.SummaryWriter:
+        writer = self._term_writers.get(term)
+        if writer is None:
+            writer = tf.summary.create_file_writer(os.path.join(self.log_dir, term_run(term)))
+            self._term_writers[term] = writer
+            if self._restart_step is not None:
+                _write_restart(writer, self._restart_step)
+        return writer
+
+    def _split(self, values: Mapping[str, float]) -> dict[str, dict[str, float]]:
+        """Term name to its `by_term/<phase>/<quantity>` values, from the flat tags."""
+        by_term: dict[str, dict[str, float]] = {}
+        for tag, value in values.items():
+            quantity, _, term = tag.partition("/")
+            phase = self._phase_of.get(term)
+            if phase is not None and quantity in PER_TERM:
+                by_term.setdefault(term, {})[f"{BY_TERM}/{phase}/{quantity}"] = value
+        return by_term
+
+    def _write_layout(self) -> None:
+        phases = list(self.term_names) or ["train"]
+        tf.summary.experimental.write_raw_pb(
+            custom_scalar_summary.pb(layout_proto(phases)).SerializeToString(), step=0
+        )
+        self._layout_written = True
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """Writes each value under its tag at `step`."""
+        """Writes each value under its tag at `step`, and each term's also to its own run."""
         with self._writer.as_default(step=step):
-            if not self._layout_written:
-                tf.summary.experimental.write_raw_pb(
-                    custom_scalar_summary.pb(layout_proto()).SerializeToString(), step=0
-                )
-                self._layout_written = True
+            if not self._layout_written and self.term_names:
+                self._write_layout()
             for tag, value in values.items():
                 tf.summary.scalar(tag, value)
+        for term, term_values in self._split(values).items():
+            with self._term_writer(term).as_default(step=step):
+                for tag, value in term_values.items():
+                    tf.summary.scalar(tag, value)
 
-    def hparams(self, values: Mapping[str, object]) -> None:
-        """Records the run's options for the hparams plugin (bool, int, float or str)."""
-        clean = {}
+    def hparams(
+        self, values: Mapping[str, object], metrics: Sequence[str] = (), *, step: int = 0
+    ) -> None:
+        """Records the run's options for the HParams dashboard, and the metrics it shows.
+
+        The session and the experiment (its hparams and metrics) are written to the run
+        directory itself, where TensorBoard pairs each metric with the session (`--logdir` at
+        the run directory, whose run is named "."; or at a folder of runs). Declaring the
+        metrics keeps TensorBoard from making a column of every scalar tag.
+
+        Args:
+            values: name to value (bool, int, float or str; anything else becomes its str,
+                None becomes "none").
+            metrics: scalar tags of the run directory whose last values the table shows.
+            step: the step of the events.
+        """
+        clean: dict[str, object] = {}
         for key, value in values.items():
             if isinstance(value, (bool, int, float, str)):
                 clean[key] = value
-            elif value is not None:
-                clean[key] = str(value)
+            else:
+                clean[key] = "none" if value is None else str(value)
+        infos = []
+        for key, value in clean.items():
+            if isinstance(value, bool):
+                kind = api_pb2.DATA_TYPE_BOOL
+            elif isinstance(value, (int, float)):
+                kind = api_pb2.DATA_TYPE_FLOAT64
+            else:
+                kind = api_pb2.DATA_TYPE_STRING
+            infos.append(api_pb2.HParamInfo(name=key, type=kind))
+        experiment = api_pb2.Experiment(
+            hparam_infos=infos,
+            metric_infos=[
+                api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag, group=""))
+                for tag in dict.fromkeys(metrics)
+            ],
+        )
+        plugin_data = plugin_data_pb2.HParamsPluginData(experiment=experiment)
+        summary = summary_pb2.Summary()
+        summary.value.add(
+            tag=hparams_metadata.EXPERIMENT_TAG,
+            metadata=hparams_metadata.create_summary_metadata(plugin_data),
+            tensor=hparams_metadata.NULL_TENSOR,
+        )
         with self._writer.as_default():
+            tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
             hparams_api.hparams(clean)
 
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        """Writes markdown text under `tag` (TensorBoard's Text tab)."""
+        with self._writer.as_default(step=step):
+            tf.summary.text(tag, markdown)
+
     def images(self, tag: str, images, step: int, max_outputs: int = 16) -> None:
-        """Writes a batch of images ([n, h, w, c] floats in [0, 1]) under `images/<tag>`."""
-        images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+        """Writes a batch of images ([n, h, w, c] floats in [0, 1], or uint8) as `images/<tag>`."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            images = np.clip(images.astype(np.float32), 0.0, 1.0)
         with self._writer.as_default(step=step):
             tf.summary.image(f"images/{tag}", images, max_outputs=max_outputs)
 
     def image(self, tag: str, image, step: int) -> None:
-        """Writes one image ([h, w, c] floats in [0, 1]) under `images/<tag>`."""
+        """Writes one image ([h, w, c] floats in [0, 1], or uint8) under `images/<tag>`."""
         self.images(tag, np.asarray(image)[None], step, max_outputs=1)
 
-    def cosine_matrix(self, phase: str, matrix, step: int) -> None:
-        """Writes a phase's pairwise gradient cosines as a heatmap, `images/grad_cosine/<phase>`."""
-        self.image(f"grad_cosine/{phase}", cosine_image(matrix), step)
+    def cosine_matrix(self, phase: str, names: Sequence[str], matrix, step: int) -> None:
+        """A phase's pairwise gradient cosines: the heatmap and one scalar per pair.
+
+        Writes `images/grad_cosine/<phase>` (term names on both axes, each pair's value, a
+        colour bar from -1 to 1; the diagonal, always +1, is left blank) and
+        `grad_cosine/<a>~<b>` for each pair a before b in the phase's term order.
+        """
+        matrix = np.asarray(matrix, dtype=np.float64)
+        names = list(names)
+        pairs = {
+            f"grad_cosine/{a}~{names[j]}": float(matrix[i, j])
+            for i, a in enumerate(names)
+            for j in range(i + 1, len(names))
+        }
+        if pairs:
+            self.scalars(step, pairs)
+        shown = matrix.copy()
+        np.fill_diagonal(shown, np.nan)  # always +1: left blank
+        image = _draw(
+            shown, names, names, title=f"{phase}: gradient cosines, step {step}", missing=""
+        )
+        self.image(f"grad_cosine/{phase}", image, step)
+
+    def layer_norms(
+        self, phase: str, names: Sequence[str], layers: Sequence[str], norms, step: int
+    ) -> None:
+        """Each term's share of each layer's gradient norm: a heatmap and a tensor summary.
+
+        Writes `images/term_layer_share/<phase>` (layers as rows, terms as columns) and the
+        tensor summaries `term_layer_share/<phase>` and `grad_layer_norms/<phase>`, [T, L]
+        float32, whose description is the JSON `{"terms": [...], "layers": [...]}`.
+        """
+        norms = np.asarray(norms, dtype=np.float64)
+        shares = layer_shares(norms)
+        labels = json.dumps({"terms": list(names), "layers": list(layers)})
+        with self._writer.as_default(step=step):
+            for tag, value in (
+                (f"term_layer_share/{phase}", shares),
+                (f"grad_layer_norms/{phase}", norms),
+            ):
+                metadata = summary_pb2.SummaryMetadata(
+                    summary_description=labels,
+                    plugin_data=summary_pb2.SummaryMetadata.PluginData(
+                        plugin_name="termwise_matrix", content=labels.encode()
+                    ),
+                )
+                tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
+        image = _draw(
+            shares.T,
+            list(layers),
+            list(names),
+            title=f"{phase}: share of each layer's gradient norm, step {step}",
+            low=0.0,
+            high=1.0,
+            diverging=False,
+        )
+        self.image(f"term_layer_share/{phase}", image, step)
+
+    def histograms(self, step: int, values: Mapping[str, object]) -> None:
+        """Writes each array as a histogram under its tag."""
+        with self._writer.as_default(step=step):
+            for tag, value in values.items():
+                tf.summary.histogram(tag, np.asarray(value, dtype=np.float32).reshape(-1))
+
+    def restart(self, step: int, notes: Sequence[str] = ()) -> None:
+        """Marks a resume: TensorBoard drops what an interrupted run logged at `step` and after.
+
+        Call it with the restored step + 1: the events up to the restored step are the
+        checkpoint's own. Writes TensorFlow's restart event, `SessionLog(status=START)`, at
+        `step` into every run this writer has (and into each term run it creates later), so
+        that TensorBoard shows one value per step after a resume:
+
+        * its Python loaders (`plugin_event_accumulator`, `--load_fast=false`, and the older
+          `EventAccumulator` for scalars, images and histograms) purge every event of the run
+          at `step` or later seen before it. The plugin loader takes a run's first START for
+          its beginning and purges only at later ones, so the event is written twice;
+        * its Rust data server (the default) ignores SessionLog events; its per-tag reservoirs
+          drop a tag's points at or after any step written again (preemption), which the
+          resumed run does at its first logged step of each tag.
+
+        Args:
+            step: the first step the resumed run logs.
+            notes: what changed since the checkpoint's run (one item each): written as the text
+                `resume` at `step`.
+        """
+        self._restart_step = step
+        for writer in self._writers():
+            _write_restart(writer, step)
+        if notes:
+            self.text("resume", "\n".join(f"- {_markdown_escape(n)}" for n in notes), step)
+
+    def _writers(self):
+        return [self._writer, *self._term_writers.values()]
 
     def flush(self) -> None:
-        self._writer.flush()
+        for writer in self._writers():
+            writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        for writer in self._writers():
+            writer.close()
 
 
 def read_events(log_dir: str) -> EventAccumulator:
     """Loads every event of a run directory (the reader's default keeps only 10 per tag).
 
     TF2 writes scalars as tensor events: `Tags()["tensors"]` lists every tag, and
-    `scalar_series` decodes one.
+    `scalar_series` decodes one. A term's own run is `read_events(<log_dir>/terms/<term>)`.
     """
     events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
     events.Reload()

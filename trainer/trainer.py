@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from termwise.trainer import actions, validation
+from termwise.trainer import actions, summaries, validation
 from termwise.trainer import data as data_lib
 from termwise.trainer import gradients as gradients_lib
 from termwise.trainer import options as options_lib
@@ -34,6 +34,11 @@ from termwise.trainer.loop import CallSizer, Controller
 from termwise.trainer.options import ON_NONFINITE, BalancerArg, Weight
 from termwise.trainer.step import StepMixin, Window
 from termwise.trainer.summaries import SummaryWriter
+
+
+def _weight_spec(weight) -> str:
+    """A weight as the user wrote it: its schedule string, else its repr."""
+    return str(getattr(weight, "spec", None) or repr(weight))
 
 
 def _layer_of_variables(models) -> dict[int, str]:
@@ -154,7 +159,16 @@ class Trainer(StepMixin):
             (`nonfinite/skipped`).
         progress: show a progress bar (True), write absl log lines (False), or decide from
             whether standard output is a terminal (None).
-        hparams: extra hyperparameters to record for TensorBoard's hparams plugin.
+        hparams: extra hyperparameters to record for TensorBoard's HParams dashboard (beside
+            the Trainer's own: `optimizer`, `learning_rate`, `weights`, `balancer`, ...; a key
+            given here replaces the Trainer's).
+        hparams_metrics: scalar tags the HParams table shows, beside the Trainer's own: each
+            `eval/<term>`, `eval/<metric>`, `eval/total` and `total/<phase>` (e.g.
+            `("eval/fid",)` for a tag the job writes itself).
+        histogram_every: every this many steps (a multiple of `grad_log_every`; 0: never), write
+            histograms of the weights (`histograms/weights/<variable>`) and of each term's
+            weighted gradient (`histograms/grad/<term>`), as Keras's TensorBoard callback's
+            `histogram_freq`; it makes those diagnostic steps return every gradient.
         phase_steps: runs per step of a phase, e.g. `{"critic": 5}` for WGAN-GP's critic
             (Gulrajani et al. 2017): each run of a phase is a full update on its own batch.
             A step reads as many batches as its most repeated phase runs; run r of a phase uses
@@ -199,6 +213,8 @@ class Trainer(StepMixin):
         hparams: Mapping[str, object] | None = None,
         phase_steps: Mapping[str, int] | None = None,
         seed: int | None = None,
+        hparams_metrics: Sequence[str] = (),
+        histogram_every: int = 0,
     ):
         self.model = model
         self._models = options_lib.check_models(model)
@@ -251,6 +267,23 @@ class Trainer(StepMixin):
             validation.boolean("progress", progress)
         self.progress = progress
         self._extra_hparams = dict(hparams or {})
+        if isinstance(hparams_metrics, str) or not all(
+            isinstance(t, str) and t for t in hparams_metrics
+        ):
+            raise ValueError(
+                f"`hparams_metrics` ({hparams_metrics!r}) must be a sequence of scalar tags."
+            )
+        self._hparams_metrics = tuple(hparams_metrics)
+        self.histogram_every = validation.non_negative_int(
+            "histogram_every", histogram_every, zero_means="writes no histograms"
+        )
+        if self.histogram_every and (
+            not self.grad_log_every or self.histogram_every % self.grad_log_every
+        ):
+            raise ValueError(
+                f"`histogram_every` ({histogram_every}) must be a multiple of `grad_log_every` "
+                f"({self.grad_log_every}): gradient histograms come from the diagnostic steps."
+            )
         if type(self).compute_terms is Trainer.compute_terms and isinstance(model, Mapping):
             raise ValueError(
                 "`model` is a dict of models: subclass Trainer and override compute_terms to say "
@@ -825,14 +858,37 @@ class Trainer(StepMixin):
                 ", ".join(sorted(found)),
             )
 
-    def _write_diagnostics(self, step: int, scalars, matrices, layer_norms) -> None:
-        """Writes a diagnostic step's gradient tags, cosine heatmaps and layer shares."""
+    def _write_diagnostics(
+        self, step: int, scalars, matrices, layer_norms, gradients=None, messages=()
+    ) -> None:
+        """Writes a diagnostic step's gradient tags, heatmaps, layer shares and warnings.
+
+        Args:
+            step: the global step.
+            scalars: the `grad_*` tags.
+            matrices: phase to its [T, T] pairwise cosines.
+            layer_norms: phase to its [T, L] per-layer norms of the weighted terms' gradients.
+            gradients: term to its flat weighted gradient (with `histogram_every`), or None.
+            messages: the dominance warnings given at this step (also on stderr).
+        """
         if self.writer is None:
             return
         self._write(step, scalars)
         for phase, matrix in matrices.items():
-            self.writer.cosine_matrix(phase, matrix, step)
-        del layer_norms  # drawn by the TensorBoard writer (issue 12/15)
+            self.writer.cosine_matrix(phase, self.term_names[phase], matrix, step)
+        for phase, norms in layer_norms.items():
+            layers = self._layer_names.get(phase, [])
+            self.writer.layer_norms(phase, self.term_names[phase], layers, norms, step)
+        if messages:
+            self.writer.text("warnings/dominance", "\n\n".join(messages), step)
+        if self.histogram_every and step % self.histogram_every == 0:
+            values = {
+                f"histograms/weights/{getattr(v, 'path', v.name)}": np.asarray(v)
+                for phase in self.phases.values()
+                for v in phase.variables
+            }
+            values.update({f"histograms/grad/{t}": g for t, g in (gradients or {}).items()})
+            self.writer.histograms(step, values)
 
     def _build_balancers(self, dataset: tf.data.Dataset) -> None:
         """Creates each balancer's state for its phase's terms, before the step is traced.
@@ -1054,34 +1110,87 @@ class Trainer(StepMixin):
         the workers run the same steps, and one of them writes.
         """
         if self._writer is None and self.log_dir and self.strategy.extended.should_save_summary:
-            self._writer = SummaryWriter(self.log_dir)
+            self._writer = SummaryWriter(self.log_dir, self.term_names)
         return self._writer
 
     def _write(self, step: int, values: Mapping[str, float]) -> None:
+        """Writes scalars: `add_metric` values as `metric/<name>`, each term's also to its run."""
         if self.writer is not None:
-            self.writer.scalars(step, {k: v for k, v in values.items() if k != "examples"})
+            if self.writer.term_names != self.term_names:
+                self.writer.set_terms(self.term_names)
+            self.writer.scalars(
+                step, {summaries.metric_tag(k): v for k, v in values.items() if k != "examples"}
+            )
+
+    def _hparam_values(self) -> dict[str, object]:
+        """The run's hyperparameters: every key always written, none twice, no tag-like names.
+
+        One phase: `optimizer`, `learning_rate`; several: `optimizer_<phase>`,
+        `learning_rate_<phase>`. Then `weights` (`term=schedule, ...`, or "none"), `balancer`
+        (its spec, `phase=spec; ...` with several phases, or "none"), `replicas`,
+        `on_nonfinite`, and the `hparams` given to the Trainer (which win).
+        """
+        values: dict[str, object] = {}
+        phases = list(self.phases.values())
+        for phase in phases:
+            suffix = "" if len(phases) == 1 else f"_{phase.name}"
+            optimizer = getattr(phase.optimizer, "inner_optimizer", phase.optimizer)
+            values[f"optimizer{suffix}"] = type(optimizer).__name__
+            values[f"learning_rate{suffix}"] = float(np.asarray(phase.optimizer.learning_rate))
+        weights = [f"{n}={_weight_spec(fn)}" for n, fn in self.weights.items()]
+        values["weights"] = ", ".join(weights) or "none"
+        if len(phases) == 1:
+            balancer = self.balancers.get(phases[0].name)
+            values["balancer"] = balancer.spec if balancer is not None else "none"
+        else:
+            specs = [f"{k}={b.spec}" for k, b in self.balancers.items()]
+            values["balancer"] = "; ".join(specs) or "none"
+        values["replicas"] = self.strategy.num_replicas_in_sync
+        values["on_nonfinite"] = self.on_nonfinite
+        values.update(self._extra_hparams)
+        return values
+
+    def _hparam_metrics(self) -> list[str]:
+        """The HParams table's columns: final evaluations and totals (see `hparams_metrics`)."""
+        tags = [f"eval/{n}" for names in self.term_names.values() for n in names]
+        window = self._window.keys or ()
+        tags += [
+            f"eval/{k}"
+            for k in window
+            if k != "examples" and summaries.metric_tag(k).startswith("metric/")
+        ]
+        phases = list(self.phases)
+        tags += ["eval/total"] if len(phases) == 1 else [f"eval/total/{p}" for p in phases]
+        tags += [f"total/{p}" for p in phases]
+        return list(dict.fromkeys([*tags, *self._hparams_metrics]))
 
     def _write_hparams(self) -> None:
+        """At the first fit of this process: the hparams session and the `run/summary` text."""
         if self._hparams_written or self.writer is None:
             return
-        values = {
-            "steps_per_execution": self.steps_per_execution,
-            "jit_compile": self.jit_compile,
-            "on_nonfinite": self.on_nonfinite,
-            "replicas": self.strategy.num_replicas_in_sync,
+        import sys
+
+        import termwise
+
+        self.writer.set_terms(self.term_names)
+        values = self._hparam_values()
+        self.writer.hparams(values, self._hparam_metrics(), step=self.step)
+        weights = {
+            phase: [(n, _weight_spec(self.weights[n]) if n in self.weights else "1") for n in names]
+            for phase, names in self.term_names.items()
         }
-        for phase in self.phases.values():
-            values[f"optimizer/{phase.name}"] = type(phase.optimizer).__name__
-            values[f"optimizer/{phase.name}/learning_rate"] = float(
-                np.asarray(phase.optimizer.learning_rate)
-            )
-        for name, fn in self.weights.items():
-            values[f"weight/{name}"] = getattr(fn, "spec", repr(fn))
-        values["grad_log_every"] = self.grad_log_every
-        for name, balancer in self.balancers.items():
-            values[f"balancer/{name}"] = balancer.spec
-        values.update(self._extra_hparams)
-        self.writer.hparams(values)
+        summary = summaries.run_summary(
+            command=list(sys.argv),
+            versions={
+                "Termwise": termwise.__version__,
+                "TensorFlow": tf.__version__,
+                "Keras": keras.__version__,
+            },
+            phases=weights,
+            balancers={k: b.spec for k, b in self.balancers.items()},
+            options=values,
+        )
+        self.writer.text("run/summary", summary, self.step)
         self._hparams_written = True
 
     def save(self) -> str | None:

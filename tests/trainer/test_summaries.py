@@ -1,14 +1,19 @@
 """TensorBoard tags, read back from the event files with tensorboard's EventAccumulator."""
 
+import json
+import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import penalised_model, regression_data
 from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import plugin_data_pb2
 
+import termwise
 from termwise import losses
-from termwise.trainer import Trainer
+from termwise.trainer import Trainer, summaries
 from termwise.trainer.summaries import read_events
 from termwise.trainer.summaries import scalar_series as series
 
@@ -29,7 +34,7 @@ def test_tags_steps_and_values(tmp_path):
     events = read_events(tmp_path)
     tags = set(events.Tags()["tensors"])
     for term in ("loss", "sparsity", "regularization"):
-        assert {f"loss/{term}", f"weight/{term}", f"weighted/{term}"} <= tags
+        assert {f"loss/{term}", f"weight/{term}", f"weighted/{term}", f"share/{term}"} <= tags
     assert {
         "total/train",
         "optimizer/train/learning_rate",
@@ -49,6 +54,62 @@ def test_tags_steps_and_values(tmp_path):
     assert [s for s, _ in series(events, "eval/loss")] == [4, 8, 10]
 
 
+def test_each_term_has_its_own_run_with_the_flat_values(tmp_path):
+    x, y = regression_data(64)
+    t = Trainer(
+        penalised_model(),
+        keras.optimizers.Adam(1e-3),
+        loss=losses.mean_squared_error,
+        log_dir=str(tmp_path),
+        log_every=2,
+        grad_log_every=3,
+        progress=False,
+    )
+    t.fit((x, y), steps=6, batch_size=16)
+    flat = read_events(tmp_path)
+    runs = sorted(os.listdir(tmp_path / "terms"))
+    assert runs == ["loss", "regularization", "sparsity"]
+    for term in runs:
+        own = read_events(tmp_path / "terms" / term)
+        assert sorted(own.Tags()["tensors"]) == sorted(
+            f"by_term/train/{q}" for q in summaries.PER_TERM
+        )
+        for quantity in summaries.PER_TERM:  # the same events, bit for bit
+            mine = series(own, f"by_term/train/{quantity}")
+            assert mine == series(flat, f"{quantity}/{term}"), (term, quantity)
+        assert [s for s, _ in series(own, "by_term/train/grad_share")] == [3, 6]
+    # The shares of the total add up to 1 at each logged step; so do those of the update.
+    for family in ("share", "grad_share"):
+        sums = np.sum([[v for _, v in series(flat, f"{family}/{n}")] for n in runs], axis=0)
+        np.testing.assert_allclose(sums, 1.0, rtol=1e-5)
+    # The flat run holds no by_term tags, and the term runs nothing else.
+    assert not [tag for tag in flat.Tags()["tensors"] if tag.startswith("by_term/")]
+
+
+def test_term_run_directories():
+    assert summaries.term_run("kl") == os.path.join("terms", "kl")
+    assert summaries.term_run("enc_a/kl") == os.path.join("terms", "enc_a", "kl")
+    assert summaries.term_run("../x") == os.path.join("terms", "_", "x")
+
+
+def layout_of(events) -> dict[str, list[str]]:
+    layout = layout_pb2.Layout()
+    proto = events.Tensors("custom_scalars__config__")[0].tensor_proto
+    layout.ParseFromString(tf.make_ndarray(proto).item())
+    return {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+
+
+def session_hparams(events) -> dict:
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    data = plugin_data_pb2.HParamsPluginData.FromString(content)
+    return dict(data.session_start_info.hparams.items())
+
+
+def experiment_of(events):
+    content = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+    return plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+
+
 def test_custom_scalar_layout_and_hparams(tmp_path):
     x, y = regression_data(32)
     t = Trainer(
@@ -59,26 +120,58 @@ def test_custom_scalar_layout_and_hparams(tmp_path):
         log_dir=str(tmp_path),
         progress=False,
         hparams={"seed": 7},
+        hparams_metrics=["eval/extra"],
     )
     t.fit((x, y), steps=2)
     events = read_events(tmp_path)
-    tags = events.Tags()["tensors"]
-    assert "custom_scalars__config__" in tags
-    layout = layout_pb2.Layout()
-    proto = events.Tensors("custom_scalars__config__")[0].tensor_proto
-    layout.ParseFromString(tf.make_ndarray(proto).item())
-    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert charts["values: loss/<term>"] == [r"loss/.*"]
-    assert charts["weights: weight/<term>"] == [r"weight/.*"]
-    plugins = events.PluginTagToContent("hparams")
-    session = plugins["_hparams_/session_start_info"]
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    data = plugin_data_pb2.HParamsPluginData.FromString(session)
-    hparams = {k: v for k, v in data.session_start_info.hparams.items()}
-    assert hparams["weight/sparsity"].string_value == "cosine:1:0:100"
+    charts = layout_of(events)
+    # One chart per quantity and phase, selecting the term runs' tags: a line per term.
+    assert charts["train: values, unweighted"] == [r"^by_term/train/loss$"]
+    assert charts["train: share of the total: weighted / total"] == [r"^by_term/train/share$"]
+    assert charts["train: share of the update (diagnostic steps)"] == [
+        r"^by_term/train/grad_share$"
+    ]
+    hparams = session_hparams(events)
+    assert hparams["weights"].string_value == "sparsity=cosine:1:0:100"
+    assert hparams["balancer"].string_value == "none"  # always there, so no run drops out
+    assert hparams["optimizer"].string_value == "SGD"
+    assert hparams["learning_rate"].number_value == pytest.approx(0.01)
     assert hparams["seed"].number_value == 7
-    assert hparams["steps_per_execution"].number_value == 10
+    assert not [name for name in hparams if "/" in name]  # no name looks like a tag
+    experiment = experiment_of(events)
+    assert sorted(h.name for h in experiment.hparam_infos) == sorted(hparams)
+    metrics = [(m.name.tag, m.name.group) for m in experiment.metric_infos]
+    assert metrics == [
+        ("eval/loss", ""),
+        ("eval/sparsity", ""),
+        ("eval/regularization", ""),
+        ("eval/total", ""),
+        ("total/train", ""),
+        ("eval/extra", ""),
+    ]
+
+
+def test_run_summary_text(tmp_path):
+    x, y = regression_data(32)
+    t = Trainer(
+        penalised_model(),
+        keras.optimizers.SGD(0.01),
+        loss=losses.mean_squared_error,
+        weights={"sparsity": "linear:0:1:10"},
+        balancer="ema",
+        log_dir=str(tmp_path),
+        progress=False,
+    )
+    t.fit((x, y), steps=2, batch_size=16)
+    (event,) = read_events(tmp_path).Tensors("run/summary")
+    text = tf.make_ndarray(event.tensor_proto).item().decode()
+    assert f"Termwise {termwise.__version__}" in text
+    assert f"TensorFlow {tf.__version__}" in text and f"Keras {keras.__version__}" in text
+    assert "**command**" in text
+    rows = [line for line in text.splitlines() if line.startswith("| train |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["loss", "sparsity", "regularization"]
+    assert rows[1].split("|")[4].strip() == "linear:0:1:10"
+    assert rows[0].split("|")[5].strip() == t.balancers["train"].spec
 
 
 def test_log_every_zero_logs_only_the_last_step(tmp_path):
@@ -122,3 +215,203 @@ def test_images_are_written_under_images(tmp_path):
     t.writer.images("samples", np.random.rand(2, 8, 8, 1), step=3)
     t.writer.flush()
     assert "images/samples" in read_events(tmp_path).Tags()["tensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostic images and their numbers, against closed-form gradients.
+
+
+def two_paths():
+    """pred = a(x) + b(x), two Dense(1) layers with fixed weights; the model also returns a(x)."""
+    inputs = keras.Input((2,))
+    a = keras.layers.Dense(
+        1, name="a", kernel_initializer=keras.initializers.Constant(0.5), bias_initializer="ones"
+    )(inputs)
+    b = keras.layers.Dense(
+        1, name="b", kernel_initializer=keras.initializers.Constant(-1.0), bias_initializer="zeros"
+    )(inputs)
+    return keras.Model(inputs, [keras.layers.Add()([a, b]), a])
+
+
+class TwoTerms(Trainer):
+    def compute_terms(self, batch, training):
+        x, y = batch
+        pred, a = self.model(x, training=training)
+        return {"fit": tf.square(pred[:, 0] - y), "pull": tf.square(a[:, 0] - 3.0)}
+
+
+def closed_form_gradients(x, y, pull_weight):
+    """[2, 6] gradients (a.kernel, a.bias, b.kernel, b.bias) of fit and pull_weight * pull."""
+    x = x.astype(np.float64)
+    n = len(x)
+    a = x @ [0.5, 0.5] + 1.0
+    b = x @ [-1.0, -1.0]
+    r = a + b - y  # d fit / d pred, halved
+    q = a - 3.0
+    fit = np.concatenate([2 / n * x.T @ r, [2 / n * r.sum()], 2 / n * x.T @ r, [2 / n * r.sum()]])
+    pull = pull_weight * np.concatenate([2 / n * x.T @ q, [2 / n * q.sum()], np.zeros(3)])
+    return np.stack([fit, pull])
+
+
+def test_heatmaps_pairwise_cosines_and_layer_shares_match_closed_form(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 2)).astype("float32")
+    y = rng.normal(size=16).astype("float32")
+    t = TwoTerms(
+        two_paths(),
+        keras.optimizers.SGD(0.01),
+        weights={"pull": 0.5},
+        log_dir=str(tmp_path),
+        grad_log_every=1,
+        progress=False,
+    )
+    t.fit((x, y), steps=1, batch_size=16)  # the diagnostic step at the initial weights
+    g = closed_form_gradients(x, y, 0.5)
+    events = read_events(tmp_path)
+    cosine = g[0] @ g[1] / np.linalg.norm(g[0]) / np.linalg.norm(g[1])
+    ((step, value),) = series(events, "grad_cosine/fit~pull")
+    assert step == 1 and value == pytest.approx(cosine, rel=1e-5)
+    # Layer shares: |g_t,layer| / sum_t |g_t,layer|, layers a then b.
+    norms = np.array([[np.linalg.norm(gt[:3]), np.linalg.norm(gt[3:])] for gt in g])
+    (event,) = events.Tensors("term_layer_share/train")
+    shares = tf.make_ndarray(event.tensor_proto)
+    np.testing.assert_allclose(shares, norms / norms.sum(axis=0), rtol=1e-5)
+    np.testing.assert_array_equal(shares[:, 1], [1.0, 0.0])  # pull does not reach layer b
+    labels = json.loads(events.SummaryMetadata("term_layer_share/train").summary_description)
+    assert labels == {"terms": ["fit", "pull"], "layers": ["a", "b"]}
+    (event,) = events.Tensors("grad_layer_norms/train")
+    np.testing.assert_allclose(tf.make_ndarray(event.tensor_proto), norms, rtol=1e-5)
+    for tag in ("images/grad_cosine/train", "images/term_layer_share/train"):
+        (event,) = events.Tensors(tag)
+        width, height = (int(v) for v in tf.make_ndarray(event.tensor_proto)[:2])
+        assert width >= 300 and height >= 150, tag
+
+
+def test_heatmap_image_draws_names_values_and_a_colour_bar():
+    matrix = np.array([[np.nan, -0.5], [-0.5, np.nan]])
+    image = summaries.heatmap_image(matrix, ["a", "b"], ["a", "b"], title="t", missing="")
+    plain = summaries.heatmap_image(matrix, ["", ""], ["", ""], missing="")
+    assert image.dtype == np.uint8 and image.shape[1] >= 300
+    # -0.5 is a mid blue; the colour bar runs from red (+1) at the top to blue (-1).
+    blue = summaries._colour(-0.5, -1.0, 1.0, summaries._DIVERGING)
+    assert (np.abs(image.astype(int) - blue).sum(axis=-1) == 0).sum() > 2 * 40 * 20
+    assert not np.array_equal(image[:, : plain.shape[1]], plain[: image.shape[0]])  # the text
+
+
+def test_layer_shares_sum_to_one_per_layer():
+    norms = np.array([[3.0, 0.0, 1.0], [1.0, 0.0, -1.0]])
+    shares = summaries.layer_shares(norms)
+    np.testing.assert_array_equal(shares[:, 0], [0.75, 0.25])
+    assert np.isnan(shares[:, 1]).all()  # no gradient in that layer
+    np.testing.assert_array_equal(shares[:, 2], [0.5, 0.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# Warnings, metrics and histograms.
+
+
+def text_events(events, tag):
+    return [(e.step, tf.make_ndarray(e.tensor_proto).item().decode()) for e in events.Tensors(tag)]
+
+
+def test_dominance_warning_is_written_as_text(tmp_path):
+    x, y = regression_data(64)
+    t = Trainer(
+        penalised_model(),
+        keras.optimizers.SGD(0.01),
+        loss=losses.mean_squared_error,
+        log_dir=str(tmp_path),
+        log_every=3,
+        grad_log_every=2,
+        progress=False,
+    )
+    t.fit((x, y), steps=6, batch_size=16)
+    written = text_events(read_events(tmp_path), "warnings/dominance")
+    assert written and written[0][0] == 6  # after 3 diagnostic steps in a row
+    assert "'loss' dominates 'regularization'" in written[0][1]
+
+
+class Fragile(Trainer):
+    """A term that is NaN on batches whose first feature is above 1.5."""
+
+    def compute_terms(self, batch, training):
+        x, y = batch
+        pred = self.model(x, training=training)
+        bad = tf.reduce_any(x[:, 0] > 1.5)
+        mse = tf.reduce_mean(tf.square(pred - y), axis=-1)
+        return {"mse": tf.where(bad, tf.fill(tf.shape(mse), np.nan), mse)}
+
+
+def test_skipped_steps_are_written_as_text(tmp_path):
+    x, y = regression_data(64)
+    x[:, 0] = np.clip(x[:, 0], -1.0, 1.0)
+    x[8:16, 0] = 2.0  # the second batch of 8 of every pass
+    t = Fragile(
+        penalised_model(),
+        keras.optimizers.SGD(0.01),
+        log_dir=str(tmp_path),
+        log_every=4,
+        on_nonfinite="skip",
+        progress=False,
+    )
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # 8 batches a pass
+    t.fit(dataset, steps=8)
+    assert t.skipped_steps == 1
+    ((step, text),) = text_events(read_events(tmp_path), "warnings/nonfinite")
+    assert step == 4 and text.startswith("1 step(s) after step 0 up to step 4 were skipped")
+
+
+class WithMetric(Trainer):
+    def compute_terms(self, batch, training):
+        x, y = batch
+        pred = self.model(x, training=training)
+        self.add_metric("mean_abs_error", tf.reduce_mean(tf.abs(pred - y), axis=-1))
+        return {"mse": tf.reduce_mean(tf.square(pred - y), axis=-1)}
+
+
+def test_metrics_are_written_under_metric(tmp_path):
+    x, y = regression_data(32)
+    t = WithMetric(
+        penalised_model(regularize=False), keras.optimizers.SGD(0.01), log_dir=str(tmp_path)
+    )
+    history = t.fit((x, y), steps=2, batch_size=16, validation_data=(x, y))
+    events = read_events(tmp_path)
+    tags = set(events.Tags()["tensors"])
+    assert {"metric/mean_abs_error", "eval/mean_abs_error"} <= tags
+    assert "mean_abs_error" not in tags
+    assert "mean_abs_error" in history.history  # the History keeps Keras's names
+    metrics = [m.name.tag for m in experiment_of(events).metric_infos]
+    assert "eval/mean_abs_error" in metrics
+
+
+def test_histograms_of_weights_and_term_gradients(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(16, 2)).astype("float32")
+    y = rng.normal(size=16).astype("float32")
+    t = TwoTerms(
+        two_paths(),
+        keras.optimizers.SGD(0.0),  # the weights stay the initial ones
+        log_dir=str(tmp_path),
+        grad_log_every=1,
+        histogram_every=2,
+        progress=False,
+    )
+    t.fit((x, y), steps=2, batch_size=16)
+    g = closed_form_gradients(x, y, 1.0)
+    events = read_events(tmp_path)
+    for i, term in enumerate(("fit", "pull")):
+        (event,) = events.Tensors(f"histograms/grad/{term}")
+        assert event.step == 2
+        buckets = tf.make_ndarray(event.tensor_proto)  # [k, 3]: left, right, count
+        assert buckets[:, 2].sum() == 6
+        assert buckets[0, 0] == pytest.approx(g[i].min(), rel=1e-5, abs=1e-6)
+        assert buckets[-1, 1] == pytest.approx(g[i].max(), rel=1e-5, abs=1e-6)
+    (event,) = events.Tensors("histograms/weights/a/kernel")
+    assert tf.make_ndarray(event.tensor_proto)[:, 2].sum() == 2
+
+
+def test_histogram_every_must_be_a_multiple_of_grad_log_every():
+    with pytest.raises(ValueError, match=r"^`histogram_every` \(3\) must be a multiple"):
+        Trainer(penalised_model(), keras.optimizers.SGD(0.01), grad_log_every=2, histogram_every=3)
+    with pytest.raises(ValueError, match=r"^`hparams_metrics` \('eval/x'\)"):
+        Trainer(penalised_model(), keras.optimizers.SGD(0.01), hparams_metrics="eval/x")
