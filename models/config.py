@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -35,8 +36,31 @@ _FLAG_NAMED = (
 )
 
 
+# The Trainer's names for what the scripts call by a flag (the run directory holds the
+# checkpoints: `<log_dir>/checkpoints`), longest first.
+_RENAMED = (
+    ("another `checkpoint_dir`", "another --log_dir"),
+    ("`checkpoint_dir`", "--log_dir's checkpoint directory"),
+    ("`log_dir`", "--log_dir"),
+    ("`init_from`", "--init_from"),
+    ("`seed`", "--seed"),
+    ("`learning_rate`", "--learning_rate"),
+)
+
+
 class ConfigError(ValueError):
     """A bad option or input, found before any training: one line, naming the flag."""
+
+
+def flag_message(error: BaseException | str) -> str:
+    """An error's first line, with the Trainer's argument names as the scripts' flags."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    message = message or type(error).__name__
+    for old, new in _RENAMED:
+        message = message.replace(old, new)
+    for name in _FLAG_NAMED:
+        message = message.replace(f"`{name}`", f"--{name}")
+    return message
 
 
 @contextlib.contextmanager
@@ -51,10 +75,7 @@ def config_errors():
     except ConfigError:
         raise
     except ValueError as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        for name in _FLAG_NAMED:
-            message = message.replace(f"`{name}`", f"--{name}")
-        raise ConfigError(message) from error
+        raise ConfigError(flag_message(error)) from error
 
 
 def parse_weights(values: Iterable[str] | None) -> dict[str, str]:
@@ -115,6 +136,7 @@ class RunConfig:
     mixed_precision: bool = False
     progress: bool | None = None
     validation_every: int = 0
+    init_from: str | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "steps_per_execution"):
@@ -179,20 +201,91 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     * multi_worker: `MultiWorkerMirroredStrategy`; each worker's TF_CONFIG names the cluster.
 
     Raises:
-        ConfigError: for an unknown name, or multi_worker without TF_CONFIG.
+        ConfigError: for an unknown name, or multi_worker without a valid TF_CONFIG
+            (`check_tf_config`).
     """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise ConfigError(
-                "--strategy=multi_worker needs the TF_CONFIG environment variable (the cluster "
-                "and this worker's task); see the README's 'Scaling out' section."
-            )
+        check_tf_config(os.environ.get("TF_CONFIG"))
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ConfigError(f"--strategy ({name!r}) must be one of {', '.join(STRATEGIES)}.")
+
+
+MULTI_WORKER_TASKS = ("chief", "worker")
+
+
+def check_tf_config(text: str | None) -> dict:
+    """Checks the TF_CONFIG of a `MultiWorkerMirroredStrategy` worker, before any work.
+
+    TF_CONFIG is JSON: `{"cluster": {"chief": ["host:port"], "worker": ["host:port", ...]},
+    "task": {"type": "worker", "index": 0}}`. Without a cluster, TensorFlow runs each worker
+    as a lone chief (every worker writing the same run directory); a malformed one fails deep
+    inside TensorFlow. Both are refused here.
+
+    Returns:
+        The parsed TF_CONFIG.
+
+    Raises:
+        ConfigError: one line naming TF_CONFIG and what is wrong.
+    """
+    see = "see the README's 'Scaling out' section"
+    if not text or not text.strip():
+        raise ConfigError(
+            "--strategy=multi_worker needs the TF_CONFIG environment variable (the cluster "
+            f"and this worker's task); {see}."
+        )
+    try:
+        config = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"TF_CONFIG is not JSON ({error}); {see}.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"TF_CONFIG must be a JSON object, got {type(config).__name__}; {see}.")
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        raise ConfigError(
+            'TF_CONFIG has no `cluster` (job name to its "host:port" addresses): without one '
+            f"every worker would train alone, writing the same run directory; {see}."
+        )
+    for job, addresses in cluster.items():
+        if job not in MULTI_WORKER_TASKS:
+            raise ConfigError(
+                f"TF_CONFIG cluster job {job!r} is not one of {', '.join(MULTI_WORKER_TASKS)} "
+                "(what MultiWorkerMirroredStrategy runs)."
+            )
+        if (
+            not isinstance(addresses, list)
+            or not addresses
+            or not all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses)
+        ):
+            raise ConfigError(
+                f'TF_CONFIG cluster job {job!r} must list "host:port" addresses, got {addresses!r}.'
+            )
+    if "chief" in cluster and len(cluster["chief"]) != 1:
+        raise ConfigError(
+            f"TF_CONFIG cluster has {len(cluster['chief'])} chief addresses; at most one chief."
+        )
+    everyone = [a for addresses in cluster.values() for a in addresses]
+    if len(set(everyone)) != len(everyone):
+        raise ConfigError(f"TF_CONFIG cluster lists an address twice: {everyone}.")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise ConfigError(
+            f"TF_CONFIG has no `task` with a `type` and an `index` (this worker's place in the "
+            f"cluster), got {task!r}; {see}."
+        )
+    kind, index = task["type"], task["index"]
+    if kind not in cluster:
+        raise ConfigError(
+            f"TF_CONFIG task type {kind!r} is not a job of its cluster ({', '.join(cluster)})."
+        )
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
+        raise ConfigError(
+            f"TF_CONFIG task index {index!r} is out of range: cluster job {kind!r} has "
+            f"{len(cluster[kind])} address(es), indices 0 to {len(cluster[kind]) - 1}."
+        )
+    return config
 
 
 def set_up(config: RunConfig) -> tf.distribute.Strategy:
@@ -202,6 +295,8 @@ def set_up(config: RunConfig) -> tf.distribute.Strategy:
     cost in speed). `--mixed_precision` computes in float16 on a GPU (bfloat16 on a CPU) and
     keeps variables and losses in float32.
     """
+    if config.strategy == "multi_worker":
+        check_tf_config(os.environ.get("TF_CONFIG"))  # before anything starts TensorFlow
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -230,6 +325,7 @@ def trainer_options(config: RunConfig, strategy: tf.distribute.Strategy, **extra
         log_every=config.log_every,
         checkpoint_dir=config.checkpoint_dir,
         checkpoint_every=config.checkpoint_every,
+        init_from=config.init_from or None,
         strategy=strategy,
         steps_per_execution=config.steps_per_execution,
         jit_compile=config.jit_compile,

@@ -64,6 +64,13 @@ def _as_images(x: np.ndarray, source: str) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.number):
         raise DatasetError(f"{source}: expected numeric images, got dtype {x.dtype}.")
     x = x.astype("float32")
+    bad = ~np.isfinite(x)
+    if bad.any():  # NaN would train to NaN, and clipping would turn Inf into white pixels
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DatasetError(
+            f"{source}: expected finite pixel values, found {int(bad.sum())} NaN or Inf "
+            f"(the first in image {first[0]}, at {list(first[1:])})."
+        )
     top = float(x.max()) if x.size else 0.0
     if top > 1.0:
         x = x / (255.0 if top > 16.0 else 16.0)
@@ -93,7 +100,13 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     except (OSError, zipfile.BadZipFile, ValueError, EOFError) as error:
         if isinstance(error, DatasetError):
             raise
-        raise DatasetError(f"{path}: not a readable .npz file ({error}).") from None
+        # numpy's own message for a file that is no archive suggests allow_pickle, which would
+        # run code from the file: never offered here.
+        reason = "" if "pickle" in str(error) else f" ({str(error).splitlines()[0]})"
+        raise DatasetError(
+            f"{path}: not a readable .npz file{reason}; expected a zip archive of arrays, as "
+            "numpy.savez writes, with an array 'x' (and optionally 'y')."
+        ) from None
     if y is not None and len(y) != len(x):
         raise DatasetError(f"{path}: 'x' has {len(x)} rows but 'y' has {len(y)}.")
     return x, y
@@ -357,9 +370,18 @@ def batches(arrays, batch_size: int, *, shuffle: bool, seed: int) -> tf.data.Dat
     Training data (`shuffle=True`) is reshuffled every pass with `seed` and keeps only full
     batches, so every step sees `batch_size` examples and the step traces once; evaluation
     data keeps every example, in order.
+
+    Raises:
+        DatasetError: for training data with fewer examples than one batch (naming
+            --batch_size).
     """
     dataset = tf.data.Dataset.from_tensor_slices(arrays)
     if shuffle:
         length = len(arrays[0] if isinstance(arrays, tuple) else arrays)
+        if length < batch_size:
+            raise DatasetError(
+                f"--batch_size ({batch_size}) is larger than the training split ({length} "
+                "examples): every step takes one full batch, so there is none to train on."
+            )
         dataset = dataset.shuffle(length, seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size, drop_remainder=shuffle).prefetch(tf.data.AUTOTUNE)

@@ -218,6 +218,8 @@ def train_and_evaluate(
             raise ValueError(f"--latent_dim ({latent_dim}) must be a positive integer.")
         if not beta > 0:
             raise ValueError(f"--beta ({beta}) must be positive.")
+        if not free_bits >= 0:  # NaN too
+            raise ValueError(f"--free_bits ({free_bits!r}) must be >= 0 (0 turns free bits off).")
         split = data_lib.load_images(config.dataset, seed=config.seed)
         weights = dict(config.weights)
         kl_schedule = schedules.parse(weights.get("kl", kl_warmup))

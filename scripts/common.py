@@ -4,7 +4,10 @@ A script defines its own flags, calls `define_flags(...)` with its defaults, ado
 flags with `flags.adopt_module_key_flags(common)` (so `--help` lists them) and ends with
 `run(job)`. A bad flag value, a bad
 `--weights` item or an unreadable `--dataset` is one line on stderr naming the flag, exit
-status 2, before any training.
+status 2, before any training. So are a `--log_dir` that another run holds or that cannot be
+written, checkpoints in it that cannot be restored (none intact, or of another program: start
+elsewhere, or from their weights with `--init_from`), a changed `--seed` on a resume, a
+malformed `TF_CONFIG`, and training data that holds no batch.
 """
 
 from __future__ import annotations
@@ -44,8 +47,11 @@ with _quiet_native_stderr():
     # context: MultiWorkerMirroredStrategy must configure collective ops before it starts.
     tf.config.list_physical_devices()
 
-from termwise.models.config import STRATEGIES, ConfigError, RunConfig  # noqa: E402
+from termwise.models.config import STRATEGIES, ConfigError, RunConfig, flag_message  # noqa: E402
+from termwise.models.data import DatasetError  # noqa: E402
 from termwise.trainer import balancers  # noqa: E402
+from termwise.trainer.checkpoints import CheckpointError  # noqa: E402
+from termwise.trainer.lock import RunDirectoryError  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -95,11 +101,17 @@ def define_flags(
         "grad_log_every", 100, "Steps between per-term gradient diagnostics (0: off)."
     )
     flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints (0: at the end).")
+    flags.DEFINE_string(
+        "init_from",
+        None,
+        "Start a new run from the model weights of a checkpoint (a .../ckpt-N prefix or a "
+        "directory of them; those matching by place and shape), at step 0. A --log_dir that "
+        "holds checkpoints resumes instead.",
+    )
     flags.DEFINE_integer(
         "validation_every",
         max(steps // 10, 1) if validation_every is None else validation_every,
-        "Steps between evaluations of the held-out split, logged as eval/... (0: only at the "
-        "end).",
+        "Steps between evaluations of the held-out split, logged as eval/... (0: only at the end).",
     )
     flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy.")
     flags.DEFINE_integer(
@@ -131,6 +143,7 @@ def config_from_flags() -> RunConfig:
         jit_compile=FLAGS.jit_compile,
         mixed_precision=FLAGS.mixed_precision,
         validation_every=FLAGS.validation_every,
+        init_from=FLAGS.init_from,
     )
 
 
@@ -159,5 +172,9 @@ def run(job) -> None:
             job()
         except ConfigError as error:
             _fail(str(error))
+        except (CheckpointError, RunDirectoryError, DatasetError) as error:
+            # Found before the first step too: a run directory in use or unusable, checkpoints
+            # that cannot be restored, training data that holds no batch.
+            _fail(flag_message(error))
 
     app.run(main, flags_parser=_parse_flags)

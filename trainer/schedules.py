@@ -86,8 +86,14 @@ def _progress(step: tf.Tensor, steps: float, begin: float) -> tf.Tensor:
 
 
 def constant(value: float) -> Schedule:
-    """w(t) = value."""
+    """w(t) = value.
+
+    Raises:
+        ValueError: for a value that is NaN or infinite (every loss it weighs would be NaN).
+    """
     value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"constant({value!r}): a weight must be a finite number.")
     return Schedule(lambda step: tf.constant(value), f"constant:{_number(value)}")
 
 
@@ -230,6 +236,8 @@ def parse(spec: str | float) -> Schedule:
         ValueError: naming the string and listing the accepted forms.
     """
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        if not math.isfinite(spec):
+            raise ValueError(f"Schedule {spec!r} is not a finite number: a weight must be finite.")
         return constant(spec)
     if not isinstance(spec, str):
         raise ValueError(f"A schedule must be a string such as 'linear:0:1:5000', got {spec!r}.")
@@ -241,6 +249,16 @@ def parse(spec: str | float) -> Schedule:
         raise ValueError(
             f"Schedule {spec!r} has a field that is not a number; {help_text}."
         ) from None
+    for field in fields or [name]:
+        try:
+            value = float(field)
+        except ValueError:
+            continue
+        if not math.isfinite(value):  # a NaN or Inf weight makes every step's loss NaN
+            raise ValueError(
+                f"Schedule {spec!r} has a value that is not finite ({field}): schedules take "
+                f"finite numbers; {help_text}."
+            )
     if not fields:
         try:
             return constant(float(name))

@@ -21,8 +21,10 @@ import tensorflow as tf
 from absl import logging
 
 from termwise.trainer import actions, summaries, validation
+from termwise.trainer import checkpoints as checkpoints_lib
 from termwise.trainer import data as data_lib
 from termwise.trainer import gradients as gradients_lib
+from termwise.trainer import lock as lock_lib
 from termwise.trainer import options as options_lib
 from termwise.trainer import outputs as outputs_lib
 from termwise.trainer import preemption as preemption_lib
@@ -142,10 +144,26 @@ class Trainer(StepMixin):
         dominance_ratio: warn (once per pair) when, on 3 diagnostic steps in a row, one term's
             weighted gradient norm exceeds another's by more than this ratio; None: never.
         checkpoint_dir: checkpoint directory; None saves none. A directory that holds a
-            checkpoint is restored from automatically.
+            checkpoint is restored from automatically: the newest intact one (a damaged newer
+            one is skipped with a warning; when none restores, a ValueError, and nothing is
+            deleted), whose objects must match this Trainer's both ways (models, optimizers,
+            balancers, counters, random state; a mismatch is a ValueError that says what
+            differs). A learning rate given that differs from the one the checkpoint's run was
+            given wins, and is logged at the resume step, as are other changed options
+            (`run.json` beside the checkpoints records them); training batches of another
+            structure (another batch size) start the data from its beginning.
         checkpoint_every: save every this many steps (0: only at the end of each `fit`).
         max_checkpoints: how many recent checkpoints to keep.
-        checkpoint_data: save the training data iterator's position with each checkpoint.
+        checkpoint_data: save the training data iterator's position with each checkpoint
+            (a pipeline whose position cannot be saved, such as one reading through Python,
+            is saved without it, with a warning, and a resumed run starts its data afresh).
+        init_from: a checkpoint (a prefix `.../ckpt-N`, or a directory of them) to start a new
+            run from: the model variables that match this Trainer's by place in the model and
+            shape are loaded, at step 0 with fresh optimizer and random state; what was loaded
+            and what not is logged. Ignored when `checkpoint_dir` holds a checkpoint (the run
+            resumes). One process at a time writes a `log_dir` or `checkpoint_dir`: the first
+            write takes `<dir>/.termwise.lock`, and another live process's lock is a
+            ValueError naming it (a dead one's is taken over with a warning).
         strategy: a `tf.distribute.Strategy`; models and optimizers must be created in its
             scope. None: the current (default) strategy.
         steps_per_execution: at most this many steps per compiled call, or "auto": calls grow
@@ -205,6 +223,7 @@ class Trainer(StepMixin):
         checkpoint_every: int = 1000,
         max_checkpoints: int = 3,
         checkpoint_data: bool = True,
+        init_from: str | None = None,
         strategy: tf.distribute.Strategy | None = None,
         steps_per_execution: int = 10,
         jit_compile: bool = False,
@@ -316,6 +335,21 @@ class Trainer(StepMixin):
         self._layer_segments: dict[str, tf.Tensor] = {}
         self._layer_names: dict[str, list[str]] = {}
         self._checkpoints = None
+        # Run directories: checked now (writing nothing), locked now if they exist (a rerun),
+        # else at the first write (`_claim_run_directories`); multi-worker: the chief only.
+        for option, directory in (("log_dir", log_dir), ("checkpoint_dir", checkpoint_dir)):
+            if directory:
+                lock_lib.check_directory(directory, option)
+        self._init_from = checkpoints_lib.resolve(init_from) if init_from else None
+        self._locks = []
+        if self.strategy.extended.should_checkpoint:
+            self._locks = [
+                lock_lib.RunLock(directory, option)
+                for option, directory in lock_lib.lock_directories(log_dir, checkpoint_dir)
+            ]
+        for run_lock in self._locks:
+            run_lock.acquire(create=False)
+        self._directories_claimed = False
         if checkpoint_dir:
             trackables = {"step": self._step, "nonfinite_skipped": self._skipped}
             trackables.update({f"model_{k}": m for k, m in self._models.items()})
@@ -326,13 +360,25 @@ class Trainer(StepMixin):
             seed_states = _seed_states(self._models.values())
             if seed_states:
                 trackables["seed_states"] = seed_states
+            recorded = {
+                f"weight/{n}": fn.spec for n, fn in self.weights.items() if hasattr(fn, "spec")
+            }
+            recorded.update({f"balancer/{k}": b.spec for k, b in self.balancers.items()})
+            recorded.update({f"phase_steps/{k}": v for k, v in self.phase_steps.items()})
+            recorded.update(self._extra_hparams)
             self._checkpoints = Checkpoints(
                 checkpoint_dir,
                 max_checkpoints,
                 writer=self.strategy.extended.should_checkpoint,
                 worker=options_lib.task_id(self.strategy),
+                # created after the restore, matched then: the logging window (first trace),
+                # the balancers' state (`_build_balancers`), the data iterator (first fit)
+                deferred=("window", "data", *(f"balancer_{k}" for k in self.balancers)),
+                options=recorded,
                 **trackables,
             )
+            if self._locks and all(run_lock.held for run_lock in self._locks):
+                self._checkpoints.remove_stale_temps()
         self._writer = None
         self._hparams_written = False
         self._state_ready = False
@@ -539,6 +585,22 @@ class Trainer(StepMixin):
                     phase.optimizer.build(phase.variables)
         if self._checkpoints is not None:
             self._restored_from = self._checkpoints.restore()
+        if self._init_from and self._restored_from:
+            logging.info(
+                "Resuming from %s: init_from=%s starts new runs only.",
+                self._restored_from,
+                self._init_from,
+            )
+        elif self._init_from:
+            loaded, skipped = checkpoints_lib.load_model_weights(self._init_from, self._models)
+            logging.info(
+                "init_from=%s: loaded %d model variables (%s); not loaded: %s. Training starts "
+                "at step 0.",
+                self._init_from,
+                len(loaded),
+                ", ".join(loaded),
+                "; ".join(skipped) or "none",
+            )
         self._layer_segments.clear()
         layer_of = _layer_of_variables(self._models.values())
         for phase in self.phases.values():
@@ -615,11 +677,12 @@ class Trainer(StepMixin):
         repeated = dataset if data_lib.is_read_once(dataset) else dataset.repeat()
         with self.strategy.scope():
             iterator = self._distribute(repeated)
-        if self._restored_from and self.checkpoint_data and self._train_iterator is None:
-            try:
-                self._checkpoints.restore_extra(data=iterator)
-            except (tf.errors.OpError, ValueError, AssertionError) as error:
-                logging.warning("The data position was not restored: %s", error)
+        if self._checkpoints is not None and self._train_iterator is None:
+            spec = repr(dataset.element_spec)  # another batch size cannot continue the position
+            if self._restored_from and self.checkpoint_data:
+                self._checkpoints.restore_data(iterator, spec)
+            else:
+                self._checkpoints.data_spec = spec
         self._train_dataset, self._train_iterator = dataset, iterator
         return iterator
 
@@ -701,6 +764,7 @@ class Trainer(StepMixin):
             per_pass = max(per_pass // self._batches_per_step, 1)
         with clean_errors():
             self._prepare_state(dataset)
+        self._claim_run_directories()  # before any step: the lock, the directories, restart
         self._restore_raw_weights()
         if until_step is not None:
             steps = max(0, validation.non_negative_int("until_step", until_step) - self.step)
@@ -1201,20 +1265,36 @@ class Trainer(StepMixin):
         """
         if self._checkpoints is None:
             return None
+        self._claim_run_directories()
         if self._raw_weights:
             with self._raw_weights_in():
                 return self._save()
         return self._save()
 
     def _save(self) -> str:
-        extra = {}
-        if self.checkpoint_data and self._train_iterator is not None:
-            extra["data"] = self._train_iterator
-        try:
-            return self._checkpoints.save(self.step, **extra)
-        except (tf.errors.OpError, ValueError, TypeError) as error:
-            if not extra:
-                raise
-            logging.warning("Saving the data position failed (%s); saving without it.", error)
+        data = self._train_iterator if self.checkpoint_data else None
+        path = self._checkpoints.save(self.step, data=data)
+        if data is not None and self._checkpoints.data_error:
+            logging.warning(
+                "The training data's position cannot be saved (%s): checkpoints are saved "
+                "without it from now on, and a resumed run starts the data from its beginning.",
+                self._checkpoints.data_error,
+            )
             self.checkpoint_data = False
-            return self._checkpoints.save(self.step)
+        return path
+
+    def _claim_run_directories(self) -> None:
+        """Before the first write: the run directories' locks (creating the directories), the
+        removal of unfinished saves, and on a resume the restart event and its changes."""
+        if self._directories_claimed:
+            return
+        for run_lock in self._locks:
+            run_lock.acquire()
+        if self._checkpoints is not None:
+            self._checkpoints.prepare(remove_temps=bool(self._locks))
+        self._directories_claimed = True
+        if self._restored_from and self.writer is not None:
+            notes = self._checkpoints.notes
+            if notes:
+                notes = [f"Resumed at step {self.step} from {self._restored_from}:", *notes]
+            self.writer.restart(self.step + 1, notes)
