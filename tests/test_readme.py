@@ -9,10 +9,11 @@ import sys
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
-def readme_example() -> str:
+def readme_example(heading: str = "## Subclass `Trainer`") -> str:
+    """The first python block after `heading` in the README."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         text = handle.read()
-    section = text.split("## Subclass `Trainer`", 1)[1]
+    section = text.split(heading, 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -32,3 +33,30 @@ def test_the_subclassing_example_runs_as_written(tmp_path):
     assert {"reconstruction", "sparsity", "total"} <= set(results)
     assert results["total"] < 40.0  # it learned (an untrained model scores about 44 nats)
     assert (tmp_path / "runs" / "dn").is_dir()  # its TensorBoard run
+
+
+MAKE_DECODER = """
+import keras
+from termwise.models import vae
+keras.utils.set_random_seed(0)
+_, _, decoder = vae.build_vae((8, 8, 1), latent_dim=16)
+decoder.save("runs/vae/decoder.keras")
+"""
+
+
+def test_the_loading_example_runs_as_written_in_a_fresh_process(tmp_path):
+    # The reference job's decoder file, written by one process, loaded by another.
+    (tmp_path / "runs" / "vae").mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for code in (MAKE_DECODER, readme_example("## Saving and loading models")):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "(16, 8, 8, 1)"
