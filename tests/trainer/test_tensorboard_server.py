@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -167,6 +168,15 @@ def test_runs_and_per_term_tags(servers):
         )
         assert {f"loss/{term}", f"share/{term}", f"grad_share/{term}"} <= set(tags["."])
     assert "grad_cosine/reconstruction~kl" in tags["."]
+    # Custom Scalars: each chart of the phase's category selects one tag of every term run
+    # (a line per term) and none of the run ".".
+    layout = tb.get("/data/plugin/custom_scalars/layout")
+    (category,) = [c for c in layout["category"] if c["title"] == "terms of phase train"]
+    assert len(category["chart"]) == len(summaries.PER_TERM)
+    for chart in category["chart"]:
+        (regex,) = chart["multiline"]["tag"]
+        matches = {run: [t for t in tags[run] if re.search(regex, t)] for run in runs}
+        assert matches.pop(".") == [] and all(len(m) == 1 for m in matches.values()), chart
     # A term's line is the flat tag's values, step by step.
     points = tb.get("/data/plugin/scalars/scalars", run="terms/kl", tag="by_term/train/share")
     flat = scalar_series(read_events(servers["runs"] / "vae"), "share/kl")
