@@ -237,7 +237,7 @@ def heatmap_image(
     bar_x = left + cell_w * len(columns) + 2 * pad
     bar_w = 16
     scale_w = max(size(f"{v:+.2f}", small)[0] for v in (low, high)) + pad
-    width = max(min_width, bar_x + bar_w + 6 + scale_w + pad)
+    width = max(min_width, bar_x + bar_w + 6 + scale_w + pad, pad + size(title)[0] + pad)
     grid_h = cell_h * len(rows)
     height = top + max(grid_h, 120) + pad
     image = Image.new("RGB", (width, height), (255, 255, 255))

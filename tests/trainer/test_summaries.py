@@ -298,6 +298,15 @@ def test_heatmap_image_draws_names_values_and_a_colour_bar():
     assert not np.array_equal(image[:, : plain.shape[1]], plain[: image.shape[0]])  # the text
 
 
+def test_heatmap_title_is_not_cut_at_the_right_edge():
+    # The layer-share title ends in the step; it was cut ("step 100" of step 1000).
+    title = "generator: share of each layer's gradient norm, step 1000"
+    image = summaries.heatmap_image(np.eye(2), ["a", "b"], ["c", "d"], title=title)
+    ink = np.flatnonzero((image[:40].min(axis=-1) < 128).any(axis=0))  # the title's rows
+    title_width = summaries._font(13).getbbox(title)[2]
+    assert image.shape[1] > title_width and ink.max() < image.shape[1] - 4
+
+
 def test_layer_shares_sum_to_one_per_layer():
     norms = np.array([[3.0, 0.0, 1.0], [1.0, 0.0, -1.0]])
     shares = summaries.layer_shares(norms)
