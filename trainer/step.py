@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Mapping
 
 import keras
@@ -42,13 +43,38 @@ EXAMPLES = "examples"  # per-step logs: the examples the step read
 APPLIED = "applied"  # per-step logs: 1 when the step's updates were applied
 
 
+def user_code(fn):
+    """`fn` as a `tf.function` with autograph would run it: converted, with what it calls.
+
+    The compiled calls run the Trainer's own step code unconverted (`autograph=False`: it has
+    no control flow on tensors, and converting it cost seconds per process, in the first step
+    and again in the first diagnostic step), so the code they call that users write or
+    override (`compute_terms`, `sample_weight`, weight schedules, balancers, regularizers) goes
+    through this, and a Python `if` or `for` on a tensor in it works as it does under any
+    `tf.function`. Outside a trace (`build`'s eager pass) `fn` itself is returned.
+    """
+    if not tf.inside_function():
+        return fn
+    try:
+        if inspect.ismethod(fn):
+            return functools.partial(tf.autograph.to_graph(fn.__func__), fn.__self__)
+        if inspect.isfunction(fn):
+            return tf.autograph.to_graph(fn)
+        call = inspect.getattr_static(type(fn), "__call__", None)  # a callable object
+        if inspect.isfunction(call):
+            return functools.partial(tf.autograph.to_graph(call), fn)
+    except Exception:  # noqa: BLE001 - as autograph does: what it cannot convert runs as is
+        return fn
+    return fn
+
+
 class StepMixin:
     """The replica-context step and the compiled functions that run it (see the module doc)."""
 
     def _phase_terms(self, phase: Phase, batch, training: bool) -> dict[str, tf.Tensor]:
         """Computes, names, checks and reduces one phase's terms (and its metrics)."""
         merged = self._named_terms(phase, batch, training)
-        sample_weight = self.sample_weight(batch)
+        sample_weight = user_code(self.sample_weight)(batch)
         # The leading axis of every per-example term; static when known (checked at trace time).
         batch_size = data_lib.batch_size_of(batch)
         metrics = self._phase_metrics.pop(phase.name, {})
@@ -68,15 +94,15 @@ class StepMixin:
         self._metrics = {}
         with terms_lib.LossRecorder() as recorder:
             if self._terms_take_phase:
-                user_terms = self.compute_terms(batch, training, phase=phase.name)
+                user_terms = user_code(self.compute_terms)(batch, training, phase=phase.name)
             else:
-                user_terms = self.compute_terms(batch, training)
+                user_terms = user_code(self.compute_terms)(batch, training)
         if not isinstance(user_terms, Mapping):
             raise ValueError(
                 f"compute_terms must return a dict of term name to tensor, got "
                 f"{type(user_terms).__name__}."
             )
-        regularization = terms_lib.regularization_loss(phase.variables)
+        regularization = user_code(terms_lib.regularization_loss)(phase.variables)
         extra = {} if regularization is None else {terms_lib.REGULARIZATION: regularization}
         roots = list(self._models.values())  # where a layer's name repeats, its path names it
         merged = terms_lib.merge_terms(user_terms, recorder.terms(roots), extra)
@@ -128,7 +154,7 @@ class StepMixin:
         weights, weighted = {}, {}
         for name, value in reduced.items():
             fn = self._naming.weight(self.weights, name)  # its own key, else its bare name's
-            w = tf.constant(1.0) if fn is None else tf.cast(fn(step), tf.float32)
+            w = tf.constant(1.0) if fn is None else tf.cast(user_code(fn)(step), tf.float32)
             weights[name] = w
             weighted[name] = w * value
         total = tf.add_n(list(weighted.values()))
@@ -192,7 +218,7 @@ class StepMixin:
             else:
                 target_gram = gradients_lib.gramian(stacks, target) * tf.square(scale)
             extra = {"stacks": [s * scale for s in stacks]} if balancer.needs_stacks else {}
-            weighting = balancer.weights(values, step, target_gram, **extra)
+            weighting = user_code(balancer.weights)(values, step, target_gram, **extra)
             coefficients = update = weighting.weights
             if weighting.mixing is not None:  # gradient surgery: g_i' = sum_k C_ik w_k g_k
                 update = tf.reduce_sum(weighting.mixing, axis=0) * coefficients
@@ -300,10 +326,10 @@ class StepMixin:
                 reduced = self._phase_terms(phase, batch, training=True)
             weights, weighted, total = self._weigh(reduced, step)
             if balancer is not None:
-                balancer.build(tuple(reduced), shapes=[v.shape for v in phase.variables])
+                user_code(balancer.build)(tuple(reduced), shapes=[v.shape for v in phase.variables])
                 values = self._global_values(reduced)
             if balancer is not None and not balancer.needs_gradients:
-                weighting = balancer.weights(values, step)
+                weighting = user_code(balancer.weights)(values, step)
                 weights, weighted, total = self._reweigh(reduced, weights, weighting.weights)
                 updates, valid = weighting.updates, weighting.valid
             scaled = phase.optimizer.scale_loss if scale_loss else (lambda loss: loss)
@@ -319,7 +345,7 @@ class StepMixin:
             )
             valid = gradient_valid if valid is None else valid
         elif at_representation:  # T passes down to Z, then one full pass of sum_k u_k L_k
-            weighting = balancer.weights(values, step, rep_gram)
+            weighting = user_code(balancer.weights)(values, step, rep_gram)
             coefficients = weighting.weights
             update = coefficients
             if weighting.mixing is not None:
@@ -377,24 +403,32 @@ class StepMixin:
 
         On the first failure of a run (with `on_nonfinite="raise"`) it records what failed and
         when, for `NonFiniteLossError`'s message (`_checked_names` holds what each flag is).
+
+        The flags cost a few ops per step, not two per variable: the scalar terms and weights
+        are checked as one stacked vector, and the whole gradient by one sum (`all_finite`).
         """
         replicas = self.strategy.num_replicas_in_sync
-        checks = [(("term", n), tf.reduce_all(tf.math.is_finite(v))) for n, v in reduced.items()]
-        checks += [(("weight", n), tf.reduce_all(tf.math.is_finite(w))) for n, w in weights.items()]
+        checks = [("term", n) for n in reduced] + [("weight", n) for n in weights]
+        values = [tf.convert_to_tensor(v) for v in (*reduced.values(), *weights.values())]
+        if all(v.shape.rank == 0 and v.dtype == tf.float32 for v in values):
+            parts = [tf.math.is_finite(tf.stack(values))]
+        else:  # a weight that is not a float32 scalar (a user's schedule): one flag each
+            parts = [tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in values])]
         if valid is not None:
-            checks += [(("balancer", n), valid[i]) for i, n in enumerate(reduced)]
+            checks += [("balancer", n) for n in reduced]
+            parts.append(tf.reshape(tf.cast(valid, tf.bool), [-1]))
         # A LossScaleOptimizer handles its own overflowing gradients.
         if not isinstance(phase.optimizer, keras.optimizers.LossScaleOptimizer):
-            finite = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
-            checks.append((("gradient", None), tf.reduce_all(finite) if finite else True))
-        flags = tf.cast(tf.stack([tf.convert_to_tensor(c) for _, c in checks]), tf.int32)
+            checks.append(("gradient", None))
+            parts.append(tf.reshape(gradients_lib.all_finite(grads), [1]))
+        flags = tf.cast(tf.concat(parts, axis=0), tf.int32)
         if replicas > 1:  # sound on every replica: the sum of the 0/1 flags is R
             flags = tf.distribute.get_replica_context().all_reduce(
                 tf.distribute.ReduceOp.SUM, flags
             )
             flags = tf.cast(tf.equal(flags, replicas), tf.int32)
         offset = len(self._checked_names)
-        self._checked_names.extend((phase.name, run, kind, name) for (kind, name), _ in checks)
+        self._checked_names.extend((phase.name, run, kind, name) for kind, name in checks)
         self._record_nonfinite(flags, offset)
         return tf.reduce_all(flags > 0)
 
@@ -469,7 +503,7 @@ class StepMixin:
         else:
             step = replica_fn
         if self.jit_compile:
-            return tf.function(step, jit_compile=True, reduce_retracing=True)
+            return tf.function(step, jit_compile=True, reduce_retracing=True, autograph=False)
         return step
 
     def _next_batches(self, iterator) -> tuple:
@@ -498,16 +532,23 @@ class StepMixin:
             window.add(logs)
             return diagnostics
 
-        @tf.function
         def train_function(iterator, num_steps):
             plain_steps = num_steps - 1 if diagnostic else num_steps
-            for _ in tf.range(plain_steps):
-                if halted or stop:
-                    break
+
+            def more(count):  # a halt or a stop ends the call before the next step
+                running = tf.logical_not(tf.logical_or(halted.read_value(), stop.read_value()))
+                return tf.logical_and(count < plain_steps, running)
+
+            def plain_step(count):
                 one(plain, iterator)
+                return count + 1
+
+            tf.while_loop(more, plain_step, [tf.constant(0, tf.int32)])
             out = one(diagnose, iterator) if diagnostic else {}
             return {**out, "step": step_var.read_value(), "halted": halted.read_value()}
 
+        # No autograph: the loop is explicit, and user code is converted where it is called.
+        train_function = tf.function(train_function, autograph=False)
         return train_function
 
     def _concrete(self, iterator, diagnostic: bool):

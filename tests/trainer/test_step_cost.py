@@ -1,0 +1,151 @@
+"""What the step's speed work must keep: exact finiteness checks and autograph in user code."""
+
+import collections
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import linear_model, regression_data, weights_of
+
+from termwise import losses
+from termwise.trainer import NonFiniteLossError, Trainer
+from termwise.trainer import gradients as gradients_lib
+
+
+def sgd(lr=0.01):
+    return keras.optimizers.SGD(lr)
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    cases = []
+    for dtype in ("float16", "float32", "float64"):
+        for bad in (None, np.nan, np.inf, -np.inf):
+            arrays = [rng.normal(size=s).astype(dtype) for s in ((3, 4), (5,), (2, 2, 2))]
+            if bad is not None:
+                arrays[1][3] = bad
+            cases.append(arrays)
+    huge = np.full((1000,), np.finfo("float32").max / 2, "float32")  # finite; its sum is not
+    cases.append([huge, -huge[:10]])
+    cases.append([np.zeros((0,), "float32"), np.ones((2,), "float32")])
+    return cases
+
+
+@pytest.mark.parametrize("arrays", _cases())
+def test_all_finite_matches_numpy_eagerly_and_in_a_graph(arrays):
+    expected = all(np.isfinite(a).all() for a in arrays)
+    tensors = [tf.constant(a) for a in arrays]
+    assert bool(gradients_lib.all_finite(tensors)) == expected
+    graph = tf.function(lambda *ts: gradients_lib.all_finite([None, *ts]))
+    assert bool(graph(*tensors)) == expected  # grappler must not fold `g * 0` away
+    assert bool(gradients_lib.all_finite([])) is True
+
+
+class NaNGradientAt(Trainer):
+    """A finite loss whose gradient is NaN once the kernel's first entry is exactly zero:
+    `sqrt(w0^2)` is 0 there and its derivative w0 / |w0| is 0 / 0."""
+
+    def compute_terms(self, batch, training):
+        x, y = batch
+        mse = losses.mean_squared_error(y, self.model(x, training=training))
+        kernel = self.model.trainable_variables[0]
+        step = tf.cast(self._step, tf.float32)
+        at = tf.where(step >= 3.0, 0.0, 1.0)  # zero from the fourth step on
+        return {"mse": mse, "size": tf.sqrt(tf.square(kernel[0, 0] * at))}
+
+
+def test_nonfinite_gradient_of_finite_terms_raises_naming_the_gradient():
+    x, y = regression_data(64, features=2)
+    model = linear_model()
+    t = NaNGradientAt(model, sgd(), progress=False, steps_per_execution=2)
+    t.fit((x, y), steps=3, batch_size=16)
+    good = weights_of(model)
+    with pytest.raises(
+        NonFiniteLossError, match=r"The gradient of phase 'train' became NaN or Inf at step 4"
+    ):
+        t.fit((x, y), steps=3, batch_size=16)
+    assert t.step == 3
+    for a, b in zip(good, weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_gradient_skipped_and_counted():
+    x, y = regression_data(64, features=2)
+    model = linear_model()
+    t = NaNGradientAt(model, sgd(), progress=False, on_nonfinite="skip")
+    t.fit((x, y), steps=3, batch_size=16)
+    good = weights_of(model)
+    t.fit((x, y), steps=4, batch_size=16)
+    assert t.step == 7 and t.skipped_steps == 4
+    for a, b in zip(good, weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class HugeGradient(Trainer):
+    """A finite loss with finite gradients whose elements sum past float32's largest value."""
+
+    def compute_terms(self, batch, training):
+        del batch, training
+        kernel = self.model.trainable_variables[0]
+        return {"huge": 1e37 * tf.reduce_sum(kernel)}
+
+
+def test_large_finite_gradients_are_applied():
+    inputs = keras.Input((1000,))
+    model = keras.Model(inputs, keras.layers.Dense(1, kernel_initializer="zeros")(inputs))
+    x = np.zeros((8, 1000), "float32")
+    t = HugeGradient(model, sgd(1e-37), progress=False)
+    t.fit(tf.data.Dataset.from_tensors(x).repeat(), steps=1)
+    np.testing.assert_allclose(np.array(model.trainable_variables[0]), -1.0, rtol=1e-5)
+    assert t.step == 1
+
+
+def _halve_or_triple(values):
+    if tf.reduce_mean(values) > 1.0:  # autograph: a Python `if` on a tensor
+        return values * 0.5
+    return values * 3.0
+
+
+def _warm_up(step):
+    if step < 3:  # a tensor too
+        return 0.0
+    return 1.0
+
+
+class BranchingTrainer(Trainer):
+    def compute_terms(self, batch, training):
+        x, y = batch
+        pred = self.model(x, training=training)
+        offset = tf.zeros_like(pred[:, 0])
+        for i in tf.range(3):  # and a `for` over a tensor: 0 + 1 + 2
+            offset += tf.cast(i, tf.float32)
+        branch = _halve_or_triple(x)[:, 0] + offset
+        return {"mse": losses.mean_squared_error(y, pred), "branch": branch}
+
+
+def test_python_control_flow_on_tensors_in_user_code_works_as_under_tf_function():
+    x = np.array([[4.0, 0.0], [2.0, 0.0], [0.5, 0.0], [0.1, 0.0]], "float32")
+    y = np.zeros((4, 1), "float32")
+    t = BranchingTrainer(
+        linear_model(), sgd(0.0), progress=False, log_every=1, weights={"branch": _warm_up}
+    )
+    history = t.fit(tf.data.Dataset.from_tensors((x, y)).repeat(), steps=5)
+    branch = x[:, 0] * (0.5 if x.mean() > 1.0 else 3.0) + 3.0  # the same rules, by hand
+    np.testing.assert_allclose(history.history["loss/branch"], [branch.mean()] * 5, rtol=1e-6)
+    assert history.history["weight/branch"] == [0.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_the_plain_step_checks_finiteness_in_a_few_ops():
+    # Was one IsFinite (and one All) per term, weight and gradient: 2 x 2 + 4 variables here.
+    inputs = keras.Input((2,))
+    h = keras.layers.Dense(4)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(h))
+    x, y = regression_data(32, features=2)
+    t = Trainer(model, sgd(), loss={"a": losses.mean_squared_error}, progress=False)
+    t.fit((x, y), steps=1, batch_size=16)
+    graph = t._calls[False][1].graph.as_graph_def()
+    ops = collections.Counter(n.op for n in graph.node)
+    for function in graph.library.function:
+        ops.update(n.op for n in function.node_def)
+    assert ops["IsFinite"] <= 2, ops["IsFinite"]
