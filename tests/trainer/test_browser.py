@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import urllib.parse
 
 import pytest
 from test_tensorboard_server import TensorBoard, run_vae, unlabelled_digits
@@ -115,7 +116,7 @@ def test_hparams_table_shows_metric_values(browser_page):
     assert "none" in texts  # balancer="none": the run is in the table and its plots
 
 
-def save_screenshots(url: str, prefix: str, phase: str = "train") -> list[str]:
+def save_screenshots(url: str, prefix: str) -> list[str]:
     """Screenshots of `url`'s Time Series (per-term lines), its two heatmaps and HParams."""
     from playwright.sync_api import sync_playwright
 
@@ -126,19 +127,38 @@ def save_screenshots(url: str, prefix: str, phase: str = "train") -> list[str]:
         page.set_default_timeout(60_000)
         page.goto(url + "/#timeseries")
         page.locator("scalar-card").first.wait_for()
-        page.wait_for_timeout(4000)
-        saved.append(f"{prefix}_time_series.png")
-        page.screenshot(path=saved[-1])
-        for name in ("grad_cosine", "term_layer_share"):
-            page.goto(url + f"/#timeseries&tagFilter=images%2F{name}")
-            image = page.locator("image-card").first
-            image.wait_for()
-            page.wait_for_timeout(3000)
+        settings = page.locator("button", has_text="Settings")  # the pane opens by default
+        if settings.count() and page.get_by_text("Horizontal Axis").count():
+            settings.first.click()
+        views = [
+            ("time_series", "scalar-card", r"^by_term/.*/(share|grad_share|loss)$"),
+            ("grad_cosine", "image-card", r"^images/grad_cosine/"),
+            ("term_layer_share", "image-card", r"^images/term_layer_share/"),
+        ]
+        for name, card, regex in views:
+            page.locator('input[placeholder="Filter tags (regex)"]').fill(regex)
+            page.keyboard.press("Escape")  # closes the filter's suggestions
+            page.locator(card).first.wait_for()
+            page.wait_for_timeout(4000)
             saved.append(f"{prefix}_{name}.png")
-            image.screenshot(path=saved[-1])
+            if card == "image-card":  # the last phase's heatmap, as the page loads it
+                source = page.locator(card).last.locator("img").get_attribute("src")
+                with open(saved[-1], "wb") as f:
+                    f.write(page.request.get(urllib.parse.urljoin(url + "/", source)).body())
+            else:
+                page.screenshot(path=saved[-1])
         page.goto(url + "/#hparams")
         page.locator("tf-hparams-table-view").wait_for()
         page.wait_for_timeout(4000)
+        experiment = page.request.post(url + "/data/plugin/hparams/experiment", data={})
+        hidden = {h["name"] for h in experiment.json()["hparamInfos"]} - {"balancer"}
+        checked = page.locator("tf-hparams-query-pane paper-checkbox[checked]")
+        for _ in range(100):  # hides the hparams columns but balancer's: room for the metrics
+            boxes = [b for b in checked.all() if b.inner_text().strip() in hidden]
+            if not boxes:
+                break
+            boxes[0].click()
+        page.wait_for_timeout(1000)
         saved.append(f"{prefix}_hparams.png")
         page.screenshot(path=saved[-1])
         browser.close()
