@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -149,6 +150,18 @@ def test_custom_scalar_layout_and_hparams(tmp_path):
         ("total/train", ""),
         ("eval/extra", ""),
     ]
+
+
+def test_layout_groups_a_gans_charts_by_phase():
+    phases = ["discriminator", "generator"]
+    layout = summaries.layout_proto(phases)
+    assert [c.title for c in layout.category[:2]] == [f"terms of phase {p}" for p in phases]
+    for category, phase in zip(layout.category[:2], phases, strict=True):
+        for chart in category.chart:  # one quantity of this phase's terms, none of the other's
+            (regex,) = chart.multiline.tag
+            for p in phases:
+                tags = [f"by_term/{p}/{q}" for q in summaries.PER_TERM]
+                assert sum(bool(re.search(regex, t)) for t in tags) == (p == phase), regex
 
 
 def test_run_summary_text(tmp_path):
