@@ -400,7 +400,8 @@ def plan(specs: Sequence[str], *, layer: str | None = LAST_SHARED_LAYER) -> list
     """The methods to run: `specs`, each gradient-based one followed by its `@layer=` variant.
 
     A gradient-based spec that already names a target (``mgda@layer=hidden``,
-    ``gradnorm:1.5:0.025:shared``) gets no variant; `layer` None or "" adds none.
+    ``gradnorm:1.5:0.025:shared``) gets no variant, nor does one that takes no target
+    (`needs_stacks`: DB-MTL); `layer` None or "" adds none.
 
     Raises:
         ValueError: naming the spec, for one `balancers.parse` refuses, a repeated one, one
@@ -421,7 +422,8 @@ def plan(specs: Sequence[str], *, layer: str | None = LAST_SHARED_LAYER) -> list
                 raise ValueError(f"{spec!r} names layer {name!r}; the network has {layers}.")
         methods.append(spec)
         untargeted = balancer is not None and balancer.layer is None
-        if layer and untargeted and balancer.needs_gradients and balancer.representation is None:
+        untargeted = untargeted and balancer.representation is None
+        if layer and untargeted and balancer.needs_gradients and not balancer.needs_stacks:
             methods.append(f"{spec}@layer={layer}")
     if SUM not in methods:
         raise ValueError(f"{list(specs)} must include {SUM!r}, the plain sum: times are relative.")

@@ -174,11 +174,14 @@ def test_every_balancer_is_compared_and_gradient_ones_also_on_the_last_shared_la
     assert {n for n in names[1:]} == {f.split("[")[0] for f in balancers.FORMS} - {"none"}
     methods = mt.plan(names)
     for name in names[1:]:
-        gradient_based = balancers.parse(name).needs_gradients
-        assert (f"{name}@layer=shared" in methods) == gradient_based, name
-        if gradient_based:
+        balancer = balancers.parse(name)
+        targeted = balancer.needs_gradients and not balancer.needs_stacks
+        assert (f"{name}@layer=shared" in methods) == targeted, name
+        if targeted:
             assert methods[methods.index(name) + 1] == f"{name}@layer=shared"
     assert "pcgrad@layer=shared" in methods and "ema@layer=shared" not in methods
+    assert "db_mtl" in methods and "db_mtl@layer=shared" not in methods
+
     assert mt.plan(["sum", "mgda@layer=hidden", "gradnorm:1.5:0.025:shared"]) == [
         "sum",
         "mgda@layer=hidden",
@@ -197,6 +200,16 @@ def test_every_balancer_is_compared_and_gradient_ones_also_on_the_last_shared_la
         mt.plan(["sum", "pcgrad"], layer="encoder")
     for method in methods:  # every variant is a balancer string the Trainer accepts
         assert method == mt.SUM or mt.make_balancer(method) is not None
+
+
+def test_db_mtl_refuses_a_target_layer_it_would_ignore():
+    # Its update is made of the full per-term gradients, never of the Gramian: the benchmark
+    # trained db_mtl@layer=shared to the same numbers as db_mtl on every seed.
+    for spec in ("db_mtl@layer=shared", "db_mtl@representation=shared"):
+        with pytest.raises(ValueError, match="db_mtl.*averages the parameters' gradients"):
+            balancers.parse(spec)
+    with pytest.raises(ValueError, match="layer"):
+        balancers.DBMTL().target(layer="shared")
 
 
 def _runs():

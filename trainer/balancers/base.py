@@ -102,8 +102,7 @@ class Balancer(tf.Module):
 
         Raises:
             ValueError: for a name that is not a non-empty string, both options at once, or a
-                balancer that takes no gradients (or keeps them, `needs_stacks`, for
-                `representation`).
+                balancer that takes no gradients or keeps them (`needs_stacks`).
         """
         for option, value in (("layer", layer), ("representation", representation)):
             if value is None:
@@ -119,11 +118,14 @@ class Balancer(tf.Module):
             raise ValueError(
                 f"Give `layer` ({layer!r}) or `representation` ({representation!r}), not both."
             )
-        if representation is not None and self.needs_stacks:
-            raise ValueError(
-                f"`representation` ({representation!r}): {type(self).__name__} averages the "
-                "parameters' gradients and needs them all."
-            )
+        for option, value in (("layer", layer), ("representation", representation)):
+            if value is not None and self.needs_stacks:
+                # Its update is made of the full per-term gradients, not of the Gramian: a
+                # target would change nothing (db_mtl@layer=X trained exactly as db_mtl).
+                raise ValueError(
+                    f"`{option}` ({value!r}): {type(self).__name__} averages the parameters' "
+                    "gradients and needs them all."
+                )
         self.layer, self.representation = layer, representation
         return self
 
