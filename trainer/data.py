@@ -120,9 +120,11 @@ def as_dataset(data, *, batch_size: int, shuffle: bool, seed: int | None = None)
             f"The arrays in `data` must share their first (batch) dimension, got lengths "
             f"{sorted(str(n) for n in lengths)}."
         )
+    (length,) = lengths
+    if length == 0:  # before shuffle, whose buffer of 0 is a TensorFlow error
+        raise ValueError("`data` holds no batch (its arrays have no rows): nothing to train on.")
     dataset = tf.data.Dataset.from_tensor_slices(arrays)
     if shuffle:
-        (length,) = lengths
         dataset = dataset.shuffle(length, seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size)
 
