@@ -411,7 +411,7 @@ def train_and_evaluate(
     feature_matching: str = "l2",
     drift: float = 0.0,
     discriminator_learning_rate: float | None = None,
-    ema_momentum: float | None = 0.999,
+    ema_momentum: float | None = 0.995,
     n_critic: int = 1,
     sample_every: int = 1000,
 ) -> dict[str, float]:

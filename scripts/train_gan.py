@@ -63,7 +63,7 @@ flags.DEFINE_float(
 )
 flags.DEFINE_float(
     "ema_momentum",
-    0.999,
+    0.995,
     "Momentum of the moving average of the generator's weights that samples, the FID and "
     "generator.keras use (Karras et al. 2018); 0 uses the raw weights.",
 )
@@ -77,7 +77,7 @@ flags.DEFINE_integer(
     "sample_every", 1000, "Steps between sample images and FID scores (0: only at the end)."
 )
 common.define_flags(
-    steps=3000,
+    steps=3500,
     batch_size=256,
     learning_rate=5e-4,
     log_dir="runs/gan",
