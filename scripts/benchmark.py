@@ -21,7 +21,8 @@ model (the same initial weights) and its own copy of the same `tf.data` pipeline
 * fit_defaults: `keras.Model.fit` on the same model with `compile`'s defaults (one step per
   call; `verbose=0`, as the Trainer's `progress=False`); for the GAN, a `keras.Model` whose
   `train_step` runs both updates, as in the keras.io DCGAN and WGAN-GP examples;
-* fit_spe: the same at the Trainer's default `steps_per_execution`;
+* fit_spe: the same at the Trainer's default `steps_per_execution` (with "auto", whose calls
+  run to the next logging and diagnostic step: 100);
 * handwritten: a `tf.function` step (tape, the same terms, `optimizer.apply` per phase) called
   once per step from Python, as a researcher writes it;
 * folded: that same step, 100 steps per graph call (a `tf.range` loop inside one
@@ -110,6 +111,9 @@ TERM_COUNTS = (2, 4, 8, 16)
 # grad_log_every=DIAGNOSTIC_EVERY (one diagnostic step per call, the same calls as the others).
 DIAGNOSTIC_EVERY = 5
 SPE = inspect.signature(Trainer).parameters["steps_per_execution"].default
+# fit_spe's steps per call: the Trainer's default, or with "auto" (calls that run to the next
+# logging and diagnostic step, every 100 steps by default) 100, what its calls then run.
+FIT_SPE = 100 if SPE == "auto" else SPE
 STARTUP_PREFIX = "STARTUP_JSON "
 
 # Timed steps per window by default: windows of a second or more on 2 CPU cores.
@@ -577,7 +581,7 @@ LABELS = {
     "trainer_logging": "Trainer (log_every=100, grad_log_every=100, log_dir)",
     "trainer_quiet": "Trainer (log_every=0, grad_log_every=0)",
     "fit_defaults": "keras fit (defaults)",
-    "fit_spe": f"keras fit (steps_per_execution={SPE})",
+    "fit_spe": f"keras fit (steps_per_execution={FIT_SPE})",
     "handwritten": "hand-written tf.function step",
     "folded": f"folded limit ({FOLD} steps per call)",
 }
@@ -592,7 +596,7 @@ def make_runner(problem: Problem, contender: str, batch_size: int):
         trainer = problem.trainer(problem.build(), problem.optimizer(), progress=False, **options)
         return TrainerRunner(trainer, problem.dataset(batch_size), log_dir)
     if contender.startswith("fit_"):
-        return FitRunner(problem, batch_size, None if contender == "fit_defaults" else SPE)
+        return FitRunner(problem, batch_size, None if contender == "fit_defaults" else FIT_SPE)
     return LoopRunner(problem, batch_size, None if contender == "handwritten" else FOLD)
 
 
@@ -925,7 +929,7 @@ def _targets(models: dict) -> list[dict]:
         value = d["steps_per_sec"] / c["fit_spe"]["steps_per_sec"]
         add(
             name,
-            f"Trainer defaults vs fit (steps_per_execution={SPE})",
+            f"Trainer defaults vs fit (steps_per_execution={FIT_SPE})",
             value,
             ">= 1.0x",
             value >= 1.0,
@@ -1067,6 +1071,7 @@ def main(argv):
             "warmup": FLAGS.warmup,
             "first_steps": FLAGS.first_steps,
             "steps_per_execution": SPE,
+            "fit_steps_per_execution": FIT_SPE,
             "fold": FOLD,
             "isolate": FLAGS.isolate,
             "quick": FLAGS.quick,

@@ -511,19 +511,24 @@ class StepMixin:
         return tuple(next(iterator) for _ in range(max(self.phase_steps.values(), default=1)))
 
     def _make_train_function(self, diagnostic: bool = False):
-        """A compiled call that runs up to `num_steps` steps.
+        """A compiled call that runs up to `num_steps` steps, or with `diagnostic` one step.
 
         Each step adds its logs to the window (`self._window`, whose means the host logs). The
         call ends early when training halts (a non-finite term with `on_nonfinite="raise"`) or
-        when a stop is requested (`self._stop`: a signal). With `diagnostic`, the call's last
-        step takes per-term gradients and the call returns that step's diagnostic logs.
+        when a stop is requested (`self._stop`: a signal). With `diagnostic`, the step takes
+        per-term gradients and the call returns its diagnostic logs (`_concrete` runs it as the
+        last step of a diagnostic call).
 
         The host loop calls the diagnostic function for the compiled call that ends on a
         multiple of `grad_log_every`, so a plain step never pays for diagnostics and no
         `tf.cond` has to choose between an update from one or from T backward passes.
         """
-        plain = self._compile_step(self._replica_train_step)
-        diagnose = self._compile_step(functools.partial(self._replica_train_step, diagnostic=True))
+        if diagnostic:
+            diagnose = self._compile_step(
+                functools.partial(self._replica_train_step, diagnostic=True)
+            )
+        else:
+            plain = self._compile_step(self._replica_train_step)
         step_var, halted, stop, window = self._step, self._halted, self._stop, self._window
 
         def one(fn, iterator):
@@ -532,32 +537,55 @@ class StepMixin:
             window.add(logs)
             return diagnostics
 
-        def train_function(iterator, num_steps):
-            plain_steps = num_steps - 1 if diagnostic else num_steps
+        if diagnostic:  # the diagnostic step alone: its trace holds one step, not a loop too
 
-            def more(count):  # a halt or a stop ends the call before the next step
-                running = tf.logical_not(tf.logical_or(halted.read_value(), stop.read_value()))
-                return tf.logical_and(count < plain_steps, running)
+            def train_function(iterator, num_steps):
+                del num_steps  # one step; `_concrete` runs the call's other steps before it
+                out = one(diagnose, iterator)
+                return {**out, "step": step_var.read_value(), "halted": halted.read_value()}
 
-            def plain_step(count):
-                one(plain, iterator)
-                return count + 1
+        else:
 
-            tf.while_loop(more, plain_step, [tf.constant(0, tf.int32)])
-            out = one(diagnose, iterator) if diagnostic else {}
-            return {**out, "step": step_var.read_value(), "halted": halted.read_value()}
+            def train_function(iterator, num_steps):
+                def more(count):  # a halt or a stop ends the call before the next step
+                    running = tf.logical_not(tf.logical_or(halted.read_value(), stop.read_value()))
+                    return tf.logical_and(count < num_steps, running)
+
+                def plain_step(count):
+                    one(plain, iterator)
+                    return count + 1
+
+                tf.while_loop(more, plain_step, [tf.constant(0, tf.int32)])
+                return {"step": step_var.read_value(), "halted": halted.read_value()}
 
         # No autograph: the loop is explicit, and user code is converted where it is called.
         train_function = tf.function(train_function, autograph=False)
         return train_function
 
     def _concrete(self, iterator, diagnostic: bool):
-        """The train function traced for `iterator`, as a concrete function.
+        """The train function for `iterator`: its concrete function, or for a diagnostic call a
+        callable of the same arguments that runs the plain function's `num_steps - 1` steps,
+        then the diagnostic function's one step (so that trace holds one step, not a loop too:
+        it is traced inside the run's first `grad_log_every` steps).
 
         Calling the `tf.function` itself matches its arguments against its traces on every
         call, which for an iterator walks the whole element spec: on a small model that cost
         about as much as the step. The concrete function skips it.
         """
+        plain = self._traced(iterator, False)
+        if not diagnostic:
+            return plain
+        diagnose = self._traced(iterator, True)
+
+        def call(iterator, num_steps):
+            rest = int(num_steps) - 1
+            if rest > 0:  # a stop or a halt ends these early; the diagnostic step runs anyway
+                plain(iterator, tf.constant(rest, tf.int32))
+            return diagnose(iterator, num_steps)
+
+        return call
+
+    def _traced(self, iterator, diagnostic: bool):
         cached = self._calls.get(diagnostic)
         if cached is None or cached[0] is not iterator:
             if diagnostic not in self._train_functions:

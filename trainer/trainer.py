@@ -166,8 +166,9 @@ class Trainer(StepMixin):
             ValueError naming it (a dead one's is taken over with a warning).
         strategy: a `tf.distribute.Strategy`; models and optimizers must be created in its
             scope. None: the current (default) strategy.
-        steps_per_execution: at most this many steps per compiled call, or "auto": calls grow
-            (1, 2, 4, ... steps) while each takes under 0.2 s. A call always stops at the next
+        steps_per_execution: at most this many steps per compiled call, or "auto" (the
+            default): calls grow (1, 2, 4, ... steps) while each takes under 0.2 s, so on a
+            small model they run to the next boundary. A call always stops at the next
             logging, diagnostic, validation, epoch or checkpoint step, so this changes speed,
             not what is logged or saved; on a small model the Python round trip per call costs
             as much as a step (scripts/benchmark.py).
@@ -225,7 +226,7 @@ class Trainer(StepMixin):
         checkpoint_data: bool = True,
         init_from: str | None = None,
         strategy: tf.distribute.Strategy | None = None,
-        steps_per_execution: int = 10,
+        steps_per_execution: int | str = "auto",
         jit_compile: bool = False,
         on_nonfinite: str = "raise",
         progress: bool | None = None,

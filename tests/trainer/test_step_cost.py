@@ -149,3 +149,33 @@ def test_the_plain_step_checks_finiteness_in_a_few_ops():
     for function in graph.library.function:
         ops.update(n.op for n in function.node_def)
     assert ops["IsFinite"] <= 2, ops["IsFinite"]
+
+
+def test_the_default_calls_give_what_one_step_per_call_gives_bit_for_bit():
+    from helpers import penalised_model
+
+    x, y = regression_data(96)
+
+    def train(**options):
+        keras.utils.set_random_seed(3)
+        model = penalised_model()
+        t = Trainer(
+            model,
+            keras.optimizers.Adam(0.01),
+            loss=losses.mean_squared_error,
+            log_every=5,
+            grad_log_every=4,
+            progress=False,
+            **options,
+        )
+        history = t.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat(), steps=23)
+        return weights_of(model), history.history
+
+    default_weights, default_logs = train()  # "auto": calls of 1, 2, 4 ... steps to boundaries
+    weights, logs = train(steps_per_execution=1)
+    for a, b in zip(default_weights, weights, strict=True):
+        assert np.array_equal(a, b)
+    assert default_logs.keys() == logs.keys()
+    for key in logs:
+        if not key.startswith("perf/"):
+            assert default_logs[key] == logs[key], key
