@@ -138,8 +138,11 @@ def test_ten_then_ten_is_twenty_straight_bit_for_bit(case, tmp_path_factory, dig
         # run does not log (it ends at 20); the restart event dropped nothing else.
         extra = {step: v for step, v in got_series.items() if step not in want_series}
         assert set(extra) <= {10}, (key, extra)
-        common = {step: v for step, v in got_series.items() if step in want_series}
-        assert common == want_series, (key, want_series, got_series)
+        for step, want_values in want_series.items():
+            if step == 10:  # the same, and maybe the end-of-run value (the GAN's averaged weights)
+                assert want_values <= got_series[step], (key, want_series, got_series)
+            else:
+                assert got_series[step] == want_values, (key, want_series, got_series)
 
 
 @pytest.mark.xfail(
