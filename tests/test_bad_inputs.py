@@ -64,16 +64,23 @@ def test_api_a_dict_batch_where_x_y_is_expected():
     assert_clean_value_error(lambda: t.fit(data, steps=1, batch_size=16), r"batch|dict", t)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the [16] labels broadcast against [16, 1] predictions into a [16, 16] term "
-    "(the check belongs in losses/ or trainer/step.py, not this helper's files)",
-)
 def test_api_labels_n_against_predictions_n_1():
-    t = trainer()
-    assert_clean_value_error(
-        lambda: t.fit((X, Y[:, 0]), steps=1, batch_size=16), r"shape|\[16\]|\(16,\)", t
-    )
+    # Keras's rule, not an error: [n] labels are aligned in rank with [n, 1] predictions
+    # (`squeeze_or_expand_to_same_rank`), never broadcast into an [n, n] term (the old 139
+    # against 4.3). The value and one update equal those of [n, 1] labels bit for bit.
+    flat, column = trainer(), trainer()
+    assert Y.shape == (64, 1)
+    value = flat.evaluate((X, Y[:, 0]))["loss"]
+    assert value == column.evaluate((X, Y))["loss"]
+    pred = column.model.predict(X, verbose=0)
+    broadcast = float(np.mean(np.square(pred - Y[:, 0][None, :])))  # the [n, n] mistake
+    assert np.isclose(value, float(np.mean(np.square(pred - Y))), rtol=1e-6)
+    assert not np.isclose(value, broadcast, rtol=1e-3)
+    batches = lambda y: tf.data.Dataset.from_tensor_slices((X, y)).batch(16)  # noqa: E731
+    flat.fit(batches(Y[:, 0]), steps=1)
+    column.fit(batches(Y), steps=1)
+    for a, b in zip(weights_of(flat.model), weights_of(column.model), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_api_a_per_example_term_whose_leading_axis_is_not_the_batch():
