@@ -464,6 +464,10 @@ def test_a_resume_shows_one_value_per_step_in_tensorboard(tmp_path):
     for name in os.listdir(checkpoints):  # as if it had been killed before saving at 17
         if name.startswith("ckpt-17."):
             os.remove(checkpoints / name)
+    # A rerun is a later process: its event file's name (seconds, host, pid, a counter) sorts
+    # after the first's. In one process within one second the counter decides, and it is not
+    # zero-padded ("...10.v2" before "...9.v2"), so the test waits into the next second.
+    time.sleep(1.1)
     resumed = run()
     assert resumed.step == 10
     resumed.fit(shuffled(x, y), until_step=20)  # logs 15 again, then 20
