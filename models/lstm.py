@@ -35,7 +35,7 @@ needs the activations' distribution (here: its moments, or its mean firing rate)
 target's density, as above.
 
 The forecast is judged against persistence, the forecast x_{t+horizon} = x_t, whose squared
-error is logged beside the terms as `persistence_mse` and `eval/persistence_mse`; the job also
+error is logged beside the terms as `metric/persistence_mse` and `eval/persistence_mse`; the job also
 writes `eval/mse_ratio` (LSTM MSE / persistence MSE).
 """
 
@@ -145,7 +145,7 @@ def train_and_evaluate(
     """Trains the forecaster on `config.dataset` up to `config.steps`; evaluates it held out.
 
     The series (`termwise.models.data.load_forecast`) is split in time: the test windows come
-    from its last 20%. Writes TensorBoard scalars (`loss/mse`, `loss/kl`, `persistence_mse`,
+    from its last 20%. Writes TensorBoard scalars (`loss/mse`, `loss/kl`, `metric/persistence_mse`,
     `eval/...`, `eval/mse_ratio`), checkpoints and, at the end, the trained model
     `forecaster.keras` (`MODEL_FILES`) to `config.log_dir`; a rerun of the same command resumes.
 

@@ -74,7 +74,12 @@ def test_job_logs_sparsity_and_accuracy(tmp_path):
     assert 0.0 <= results["sparsity/conv2"] <= 1.0
     events = read_events(tmp_path)
     tags = set(events.Tags()["tensors"])
-    assert {"sparsity/conv2", "accuracy", "eval/accuracy", "eval/sparsity/conv2"} <= tags
+    assert {
+        "metric/sparsity/conv2",
+        "metric/accuracy",
+        "eval/accuracy",
+        "eval/sparsity/conv2",
+    } <= tags
     assert {"loss/sparsity_conv2", "loss/diversity_features"} <= tags
     # --weights names a term: it beats the --sparsity_weight default; diversity keeps its own.
     weight = [v for _, v in scalar_series(events, "weight/sparsity_conv2")]

@@ -147,7 +147,7 @@ def test_job_reports_the_ratio_to_persistence(tmp_path):
     assert results["mse_ratio"] == pytest.approx(results["mse"] / results["persistence_mse"])
     events = read_events(tmp_path)
     tags = set(events.Tags()["tensors"])
-    assert {"loss/mse", "loss/kl", "persistence_mse", "eval/mse_ratio"} <= tags
+    assert {"loss/mse", "loss/kl", "metric/persistence_mse", "eval/mse_ratio"} <= tags
     assert {"eval/persistence_mse", "weight/kl"} <= tags
 
 
