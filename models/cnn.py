@@ -14,8 +14,9 @@ do what `model.add_loss(f(model.get_layer(name).output))` did in Keras 2, for an
 Sequential or functional model. The feature-diversity penalty (`losses.feature_diversity`;
 cf. Cogswell et al. 2016) on a dense layer is optional.
 
-Logged beside the terms: `metric/accuracy`, and `metric/sparsity/<layer>`, the fraction of a penalised
-layer's activations below 1e-3 (with `sparsity/all` over every penalised activation).
+Logged beside the terms: `metric/accuracy`, and `metric/sparsity/<layer>`, the fraction of a
+penalised layer's activations below 1e-3 (with `metric/sparsity/all` over every penalised
+activation).
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ needs the activations' distribution (here: its moments, or its mean firing rate)
 target's density, as above.
 
 The forecast is judged against persistence, the forecast x_{t+horizon} = x_t, whose squared
-error is logged beside the terms as `metric/persistence_mse` and `eval/persistence_mse`; the job also
-writes `eval/mse_ratio` (LSTM MSE / persistence MSE).
+error is logged beside the terms as `metric/persistence_mse` and `eval/persistence_mse`; the job
+also writes `eval/mse_ratio` (LSTM MSE / persistence MSE).
 """
 
 from __future__ import annotations
