@@ -65,6 +65,7 @@ def next_batches(prefix, dataset, batch_size, count=30):
     """The `count` training batches that follow the data position saved at `prefix`: the
     scripts' own pipeline (models.data.batches, repeated), restored from the checkpoint."""
     split = data_lib.load_images(dataset, seed=7)
+    # The Trainer's pipeline: the script's batches (repeated, then prefetched), repeated again.
     iterator = iter(data_lib.batches(split.x_train, batch_size, shuffle=True, seed=7).repeat())
     tf.train.Checkpoint(data=iterator).read(prefix).expect_partial()
     return np.stack([next(iterator).numpy() for _ in range(count)])
@@ -145,11 +146,6 @@ def test_ten_then_ten_is_twenty_straight_bit_for_bit(case, tmp_path_factory, dig
                 assert got_series[step] == want_values, (key, want_series, got_series)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect found here, not yet fixed: the resumed run's data position at step 20 gives "
-    "the straight run's batches to the end of the pass (step 23), then another reshuffle",
-)
 @pytest.mark.parametrize("case", ["vae"])
 def test_the_data_position_continues_past_the_pass(case, tmp_path_factory, digits_npz):
     straight, split = resumed(case, tmp_path_factory, digits_npz)
@@ -158,7 +154,7 @@ def test_the_data_position_continues_past_the_pass(case, tmp_path_factory, digit
     keras.utils.set_random_seed(7)  # the scripts' global seed: the shuffle's seed pair
     # The data position: both continue with the same batches (past the end of a pass, 23 steps).
     batch_size = 64
-    assert "variant" in want.values()
+    assert any(isinstance(v, str) and v == "variant" for v in want.values())  # a data position
     following = next_batches(prefix_a, digits_npz, batch_size)
     # The position is read (ckpt-10's batches are others) ...
     earlier = next_batches(str(straight / "checkpoints" / "ckpt-10"), digits_npz, batch_size)
