@@ -20,6 +20,7 @@ from sklearn.datasets import load_digits
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from termwise.models import data as data_lib
+from termwise.trainer import data as trainer_data
 from termwise.trainer.summaries import read_events
 
 COMMON = ("--deterministic", "--seed=7", "--log_every=10", "--checkpoint_every=10")
@@ -65,8 +66,9 @@ def next_batches(prefix, dataset, batch_size, count=30):
     """The `count` training batches that follow the data position saved at `prefix`: the
     scripts' own pipeline (models.data.batches, repeated), restored from the checkpoint."""
     split = data_lib.load_images(dataset, seed=7)
-    # The Trainer's pipeline: the script's batches (repeated, then prefetched), repeated again.
-    iterator = iter(data_lib.batches(split.x_train, batch_size, shuffle=True, seed=7).repeat())
+    # The Trainer's pipeline: the script's batches, repeated inside their prefetch.
+    batches = data_lib.batches(split.x_train, batch_size, shuffle=True, seed=7)
+    iterator = iter(trainer_data.repeated(batches))
     tf.train.Checkpoint(data=iterator).read(prefix).expect_partial()
     return np.stack([next(iterator).numpy() for _ in range(count)])
 
