@@ -129,23 +129,6 @@ def as_dataset(data, *, batch_size: int, shuffle: bool, seed: int | None = None)
     return dataset.batch(batch_size)
 
 
-def repeated(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """`dataset.repeat()`, with a `prefetch` that ends the dataset moved outside the repeat.
-
-    A prefetch inside a repeat reads ahead past the end of each pass; with a reshuffling
-    `shuffle` before it, the next pass's order then depends on timing (a pause for validation
-    changes it), so a restored data position would continue exactly only to the end of the
-    current pass. Outside, the prefetch reads ahead of the repeat, and the order is one.
-    """
-    from tensorflow.python.data.ops import prefetch_op
-
-    if isinstance(dataset, prefetch_op._PrefetchDataset):
-        size = tf.get_static_value(dataset._buffer_size)
-        size = tf.data.AUTOTUNE if size is None else int(size)
-        return dataset._input_dataset.repeat().prefetch(size)
-    return dataset.repeat()
-
-
 def batches_per_pass(dataset: tf.data.Dataset) -> int | None:
     """Number of batches in one pass over `dataset`, or None when unknown or infinite."""
     cardinality = int(dataset.cardinality())

@@ -675,7 +675,7 @@ class Trainer(StepMixin):
                 "run starts the data from its beginning."
             )
             self.checkpoint_data = False
-        repeated = dataset if data_lib.is_read_once(dataset) else data_lib.repeated(dataset)
+        repeated = dataset if data_lib.is_read_once(dataset) else dataset.repeat()
         with self.strategy.scope():
             iterator = self._distribute(repeated)
         if self._checkpoints is not None and self._train_iterator is None:
