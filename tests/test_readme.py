@@ -17,11 +17,11 @@ def readme_example(heading: str = "## Subclass `Trainer`") -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_subclassing_example_runs_as_written(tmp_path):
-    code = readme_example()
+def run_fresh(code: str, cwd) -> str:
+    """Runs `code` in a fresh Python process in `cwd` with this checkout; its stdout."""
     out = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=tmp_path,
+        cwd=cwd,
         env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"},
         capture_output=True,
         text=True,
@@ -29,7 +29,12 @@ def test_the_subclassing_example_runs_as_written(tmp_path):
         check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    results = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    return out.stdout
+
+
+def test_the_subclassing_example_runs_as_written(tmp_path):
+    out = run_fresh(readme_example(), tmp_path)
+    results = ast.literal_eval(out.strip().splitlines()[-1])
     assert {"reconstruction", "sparsity", "total"} <= set(results)
     assert results["total"] < 40.0  # it learned (an untrained model scores about 44 nats)
     assert (tmp_path / "runs" / "dn").is_dir()  # its TensorBoard run
@@ -47,16 +52,6 @@ decoder.save("runs/vae/decoder.keras")
 def test_the_loading_example_runs_as_written_in_a_fresh_process(tmp_path):
     # The reference job's decoder file, written by one process, loaded by another.
     (tmp_path / "runs" / "vae").mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    for code in (MAKE_DECODER, readme_example("## Saving and loading models")):
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "(16, 8, 8, 1)"
+    run_fresh(MAKE_DECODER, tmp_path)
+    out = run_fresh(readme_example("## Saving and loading models"), tmp_path)
+    assert out.strip().splitlines()[-1] == "(16, 8, 8, 1)"
