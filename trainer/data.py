@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import collections.abc
 import itertools
+import os
+import shutil
+import tempfile
 
 import keras
 import numpy as np
@@ -143,3 +146,65 @@ def batch_size_of(batch) -> int | tf.Tensor:
     if static.rank and static[0] is not None:
         return int(static[0])
     return tf.shape(first)[0]
+
+
+# ------------------------------------------------------------------------------------------
+# The training data's position in checkpoints.
+#
+# TensorFlow saves an iterator's position in one of two ways. The default ("explicit") state
+# holds every buffer of the pipeline (prefetched batches, the shuffle buffer, a half-built
+# batch). Measured on TF 2.21, it is not exact: a `shuffle(reshuffle_each_iteration=True) ->
+# batch -> prefetch` pipeline saved near the end of a pass restores the next pass in another
+# order in about half the runs (whether the read-ahead had crossed into the next pass), and
+# `batch -> shuffle -> unbatch -> batch` restores other batches. A "symbolic" position
+# (`tf.data.Options.experimental_symbolic_checkpoint`) holds the cursors into the sources and
+# recomputes the buffers on restore: exact for both, in every run. It is what the Trainer uses.
+# It needs every transformation to support it (`cache` and `group_by_window` do not; the
+# Trainer then falls back to the explicit state, with a warning), and it does not see the
+# state of a random op inside a `map` function (the explicit state refuses such a pipeline;
+# `position_problem` refuses it for both).
+
+SYMBOLIC = " [symbolic position]"  # recorded after the batches' structure (run.json "data")
+
+
+def position_problem(dataset: tf.data.Dataset) -> str | None:
+    """Why no checkpoint can hold `dataset`'s position exactly, or None.
+
+    A function with a stateful op (`tf.random.uniform` or `tf.py_function` in a `map`) keeps
+    state outside the pipeline that neither kind of saved position holds.
+    """
+    try:
+        tf.raw_ops.DatasetToGraphV2(
+            input_dataset=dataset._variant_tensor,  # noqa: SLF001 (TensorFlow's own route)
+            external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL.value,
+            strip_device_assignment=True,
+        )
+    except tf.errors.OpError as error:
+        return str(error).split("}}")[-1].strip().splitlines()[0]
+    return None
+
+
+def with_symbolic_position(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` with its checkpointed position kept as cursors (recomputed buffers)."""
+    options = tf.data.Options()
+    options.experimental_symbolic_checkpoint = True
+    return dataset.with_options(options)
+
+
+def save_problem(dataset: tf.data.Dataset) -> str | None:
+    """Why the position of a symbolic-position `dataset` cannot be saved (a transformation
+    that does not support it), or None.
+
+    A transformation says so only once it has produced an element, so this reads the first
+    element through a scratch iterator and saves that iterator to a scratch directory.
+    """
+    scratch = tempfile.mkdtemp(prefix="termwise_position_")
+    try:
+        probe = iter(dataset.take(1))
+        next(probe, None)
+        tf.train.Checkpoint(data=probe).write(os.path.join(scratch, "position"))
+    except tf.errors.OpError as error:
+        return str(error).split("}}")[-1].strip().splitlines()[0]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return None

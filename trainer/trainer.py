@@ -676,16 +676,50 @@ class Trainer(StepMixin):
             )
             self.checkpoint_data = False
         repeated = dataset if data_lib.is_read_once(dataset) else dataset.repeat()
-        with self.strategy.scope():
-            iterator = self._distribute(repeated)
+        iterator, symbolic = self._positioned_iterator(repeated)
         if self._checkpoints is not None and self._train_iterator is None:
             spec = repr(dataset.element_spec)  # another batch size cannot continue the position
+            spec += data_lib.SYMBOLIC if symbolic else ""  # nor another kind of position
             if self._restored_from and self.checkpoint_data:
                 self._checkpoints.restore_data(iterator, spec)
             else:
                 self._checkpoints.data_spec = spec
         self._train_dataset, self._train_iterator = dataset, iterator
         return iterator
+
+    def _positioned_iterator(self, repeated: tf.data.Dataset):
+        """The training iterator, and whether checkpoints keep its position symbolically.
+
+        See `data.py` for the two kinds of position: symbolic where the pipeline allows it
+        (exact), else TensorFlow's explicit state (with a warning); a pipeline whose position
+        no checkpoint can hold is saved without it, as a PyDataset's is.
+        """
+        if self._checkpoints is None or not self.checkpoint_data:
+            with self.strategy.scope():
+                return self._distribute(repeated), False
+        problem = data_lib.position_problem(repeated)
+        if problem is not None:
+            logging.warning(
+                "The training data's position cannot be saved in checkpoints (%s): they are saved "
+                "without it, and a resumed run starts the data from its beginning.",
+                problem,
+            )
+            self.checkpoint_data = False
+            with self.strategy.scope():
+                return self._distribute(repeated), False
+        symbolic = data_lib.with_symbolic_position(repeated)
+        problem = data_lib.save_problem(symbolic)
+        if problem is None:
+            with self.strategy.scope():
+                return self._distribute(symbolic), True
+        logging.warning(
+            "The training data's position is saved in TensorFlow's explicit iterator state "
+            "(%s), which is not always exact: after a resume, a reshuffled pass that was being "
+            "read ahead at the save can come in another order.",
+            problem,
+        )
+        with self.strategy.scope():
+            return self._distribute(repeated), False
 
     def _distribute(self, dataset: tf.data.Dataset):
         if self._distributed:
