@@ -19,6 +19,7 @@ knows nothing of files (the Orbit split).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -35,6 +36,8 @@ from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.util import tensor_util
 
 __all__ = [
     "BY_TERM",
@@ -321,6 +324,22 @@ def _draw(matrix, rows, columns, **options) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The writer.
 
+_SCALAR_METADATA = scalar_metadata.create_summary_metadata(display_name=None, description=None)
+
+
+def _write_scalars(values: Mapping[str, float], step: int) -> None:
+    """Writes `values` into the default writer at `step` as one `Summary` of scalar values."""
+    if not values:
+        return
+    summary = summary_pb2.Summary()
+    for tag, value in values.items():
+        summary.value.add(
+            tag=tag,
+            metadata=_SCALAR_METADATA,
+            tensor=tensor_util.make_tensor_proto(np.float32(value)),
+        )
+    tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
+
 
 def _write_restart(writer, step: int) -> None:
     """Writes two `SessionLog(status=START)` events at `step` into a TF2 summary writer (see
@@ -354,6 +373,8 @@ class SummaryWriter:
         self._restart_step: int | None = None  # see `restart`
         self._phase_of: dict[str, str] = {}  # term -> phase
         self._layout_written = False
+        self._painter: concurrent.futures.ThreadPoolExecutor | None = None  # see `_paint`
+        self._painting: list[concurrent.futures.Future] = []
         self.term_names: dict[str, tuple[str, ...]] = {}
         if term_names:
             self.set_terms(term_names)
@@ -390,16 +411,19 @@ class SummaryWriter:
         self._layout_written = True
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """Writes each value under its tag at `step`, and each term's also to its own run."""
+        """Writes each value under its tag at `step`, and each term's also to its own run.
+
+        The events are those `tf.summary.scalar` writes (a float32 scalar tensor with the
+        scalars plugin's metadata), all of one writer's in one `Summary`: one write per
+        writer, not one eager op per value (760 of them took a third of a VAE's logging).
+        """
         with self._writer.as_default(step=step):
             if not self._layout_written and self.term_names:
                 self._write_layout()
-            for tag, value in values.items():
-                tf.summary.scalar(tag, value)
+            _write_scalars(values, step)
         for term, term_values in self._split(values).items():
             with self._term_writer(term).as_default(step=step):
-                for tag, value in term_values.items():
-                    tf.summary.scalar(tag, value)
+                _write_scalars(term_values, step)
 
     def hparams(
         self, values: Mapping[str, object], metrics: Sequence[str] = (), *, step: int = 0
@@ -467,6 +491,36 @@ class SummaryWriter:
         """Writes one image ([h, w, c] floats in [0, 1], or uint8) under `images/<tag>`."""
         self.images(tag, np.asarray(image)[None], step, max_outputs=1)
 
+    def _paint(self, tag: str, matrix, rows, columns, step: int, **options) -> None:
+        """Draws a heatmap and writes it as `images/<tag>` on a background thread.
+
+        Drawing and PNG-encoding the two heatmaps took most of a diagnostic step's host time
+        (about 15 ms against a VAE's 0.8 ms step); the thread does it while the next compiled
+        call runs. One thread, so the images are written in order; `flush` and `close` wait
+        for them and raise what a drawing raised.
+        """
+        self._raise_painted()
+        if self._painter is None:
+            self._painter = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="termwise-heatmaps"
+            )
+        matrix = np.array(matrix, dtype=np.float64)  # a copy: the caller may reuse its array
+
+        def paint():
+            self.image(tag, _draw(matrix, list(rows), list(columns), **options), step)
+
+        self._painting.append(self._painter.submit(paint))
+
+    def _raise_painted(self, wait: bool = False) -> None:
+        """Drops the finished drawings (all of them when `wait`), raising the first error."""
+        pending = []
+        for future in self._painting:
+            if wait or future.done():
+                future.result()
+            else:
+                pending.append(future)
+        self._painting = pending
+
     def cosine_matrix(self, phase: str, names: Sequence[str], matrix, step: int) -> None:
         """A phase's pairwise gradient cosines: the heatmap and one scalar per pair.
 
@@ -485,10 +539,15 @@ class SummaryWriter:
             self.scalars(step, pairs)
         shown = matrix.copy()
         np.fill_diagonal(shown, np.nan)  # always +1: left blank
-        image = _draw(
-            shown, names, names, title=f"{phase}: gradient cosines, step {step}", missing=""
+        self._paint(
+            f"grad_cosine/{phase}",
+            shown,
+            names,
+            names,
+            step,
+            title=f"{phase}: gradient cosines, step {step}",
+            missing="",
         )
-        self.image(f"grad_cosine/{phase}", image, step)
 
     def layer_norms(
         self, phase: str, names: Sequence[str], layers: Sequence[str], norms, step: int
@@ -514,16 +573,17 @@ class SummaryWriter:
                     ),
                 )
                 tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
-        image = _draw(
+        self._paint(
+            f"term_layer_share/{phase}",
             shares.T,
-            list(layers),
-            list(names),
+            layers,
+            names,
+            step,
             title=f"{phase}: share of each layer's gradient norm, step {step}",
             low=0.0,
             high=1.0,
             diverging=False,
         )
-        self.image(f"term_layer_share/{phase}", image, step)
 
     def histograms(self, step: int, values: Mapping[str, object]) -> None:
         """Writes each array as a histogram under its tag."""
@@ -562,12 +622,20 @@ class SummaryWriter:
         return [self._writer, *self._term_writers.values()]
 
     def flush(self) -> None:
+        """Writes everything out (the heatmaps being drawn first)."""
+        self._raise_painted(wait=True)
         for writer in self._writers():
             writer.flush()
 
     def close(self) -> None:
-        for writer in self._writers():
-            writer.close()
+        try:
+            self._raise_painted(wait=True)
+        finally:
+            if self._painter is not None:
+                self._painter.shutdown()
+                self._painter = None
+            for writer in self._writers():
+                writer.close()
 
 
 def read_events(log_dir: str) -> EventAccumulator:

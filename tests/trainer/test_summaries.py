@@ -437,3 +437,28 @@ def test_histogram_every_must_be_a_multiple_of_grad_log_every():
         Trainer(penalised_model(), keras.optimizers.SGD(0.01), grad_log_every=2, histogram_every=3)
     with pytest.raises(ValueError, match=r"^`hparams_metrics` \('eval/x'\)"):
         Trainer(penalised_model(), keras.optimizers.SGD(0.01), hparams_metrics="eval/x")
+
+
+def test_heatmaps_drawn_in_the_background_are_all_written_in_order_and_errors_surface(
+    tmp_path, monkeypatch
+):
+    """The heatmaps are drawn on a background thread: after `flush` every one is in the event
+    file at its step, and a drawing that fails is raised by `flush`, not lost."""
+    writer = summaries.SummaryWriter(str(tmp_path / "ok"))
+    for step in range(1, 6):
+        writer.cosine_matrix("train", ["a", "b"], [[1.0, -0.5 + step / 10], [0.0, 1.0]], step)
+    writer.flush()
+    events = read_events(str(tmp_path / "ok"))
+    assert [e.step for e in events.Tensors("images/grad_cosine/train")] == [1, 2, 3, 4, 5]
+    cosines = series(events, "grad_cosine/a~b")
+    assert [s for s, _ in cosines] == [1, 2, 3, 4, 5]
+    assert np.allclose([v for _, v in cosines], [-0.4, -0.3, -0.2, -0.1, 0.0])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no font")
+
+    monkeypatch.setattr(summaries, "_draw", broken)
+    failing = summaries.SummaryWriter(str(tmp_path / "broken"))
+    failing.cosine_matrix("train", ["a", "b"], np.eye(2), 1)
+    with pytest.raises(RuntimeError, match="no font"):
+        failing.flush()
