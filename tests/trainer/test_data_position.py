@@ -11,6 +11,7 @@ reshuffling pipeline; in every run for `batch -> shuffle -> unbatch -> batch`).
 """
 
 import logging
+import time
 
 import keras
 import numpy as np
@@ -53,8 +54,6 @@ class Pause(keras.callbacks.Callback):
     """Lets the read-ahead run on before the save, as a validation or a slow logger does."""
 
     def on_train_batch_end(self, batch, logs=None):
-        import time
-
         time.sleep(0.01)
 
 
