@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import collections.abc
 import itertools
-import os
-import shutil
-import tempfile
 
 import keras
 import numpy as np
@@ -163,12 +160,27 @@ def batch_size_of(batch) -> int | tf.Tensor:
 # It is what the Trainer uses. Its price is more work per element while training (a
 # whole-dataset shuffle of 1527 digits: about 1.2 ms more per batch of 64; the prefetch hides
 # it where a step takes longer).
-# It needs every transformation to support it (`cache` and `group_by_window` do not; the
-# Trainer then falls back to the explicit state, with a warning), and it does not see the
-# state of a random op inside a `map` function (the explicit state refuses such a pipeline;
-# `position_problem` refuses it for both).
+# It needs every transformation to support it: `cache` and `group_by_window` do not, and say so
+# only at the first save (a scratch iterator read beforehand to find out would move the
+# pipeline's shuffle seeds on, and so change the training data's order); the checkpoints are
+# then saved without the position, with a warning (`Checkpoints.save`). It does not see the
+# state of a random op inside a `map` function (the explicit state refused such a pipeline);
+# `position_problem` finds those before the first step.
 
 SYMBOLIC = " [symbolic position]"  # recorded after the batches' structure (run.json "data")
+
+
+def _graph(dataset: tf.data.Dataset) -> tf.Tensor:
+    """The dataset's serialized graph; a FailedPreconditionError where a function holds state."""
+    return tf.raw_ops.DatasetToGraphV2(
+        input_dataset=dataset._variant_tensor,  # noqa: SLF001 (TensorFlow's own route)
+        external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL.value,
+        strip_device_assignment=True,
+    )
+
+
+def _first_line(error: tf.errors.OpError) -> str:
+    return str(error).split("}}")[-1].strip().splitlines()[0]
 
 
 def position_problem(dataset: tf.data.Dataset) -> str | None:
@@ -178,13 +190,11 @@ def position_problem(dataset: tf.data.Dataset) -> str | None:
     state outside the pipeline that neither kind of saved position holds.
     """
     try:
-        tf.raw_ops.DatasetToGraphV2(
-            input_dataset=dataset._variant_tensor,  # noqa: SLF001 (TensorFlow's own route)
-            external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL.value,
-            strip_device_assignment=True,
-        )
-    except tf.errors.OpError as error:
-        return str(error).split("}}")[-1].strip().splitlines()[0]
+        _graph(dataset)
+    except tf.errors.FailedPreconditionError as error:
+        return _first_line(error)
+    except tf.errors.OpError:  # not serializable for another reason: the first save will say
+        return None
     return None
 
 
@@ -193,22 +203,3 @@ def with_symbolic_position(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.experimental_symbolic_checkpoint = True
     return dataset.with_options(options)
-
-
-def save_problem(dataset: tf.data.Dataset) -> str | None:
-    """Why the position of a symbolic-position `dataset` cannot be saved (a transformation
-    that does not support it), or None.
-
-    A transformation says so only once it has produced an element, so this reads the first
-    element through a scratch iterator and saves that iterator to a scratch directory.
-    """
-    scratch = tempfile.mkdtemp(prefix="termwise_position_")
-    try:
-        probe = iter(dataset.take(1))
-        next(probe, None)
-        tf.train.Checkpoint(data=probe).write(os.path.join(scratch, "position"))
-    except tf.errors.OpError as error:
-        return str(error).split("}}")[-1].strip().splitlines()[0]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return None

@@ -690,34 +690,21 @@ class Trainer(StepMixin):
     def _positioned_iterator(self, repeated: tf.data.Dataset):
         """The training iterator, and whether checkpoints keep its position symbolically.
 
-        See `data.py` for the two kinds of position: symbolic where the pipeline allows it
-        (exact), else TensorFlow's explicit state (with a warning); a pipeline whose position
-        no checkpoint can hold is saved without it, as a PyDataset's is.
+        See `data.py`: symbolic (exact) where checkpoints hold a position; a pipeline whose
+        functions hold state is saved without one, said before the first step, as a
+        PyDataset's is.
         """
-        if self._checkpoints is None or not self.checkpoint_data:
-            with self.strategy.scope():
-                return self._distribute(repeated), False
-        problem = data_lib.position_problem(repeated)
-        if problem is not None:
+        if self._checkpoints is not None and self.checkpoint_data:
+            problem = data_lib.position_problem(repeated)
+            if problem is None:
+                with self.strategy.scope():
+                    return self._distribute(data_lib.with_symbolic_position(repeated)), True
             logging.warning(
-                "The training data's position cannot be saved in checkpoints (%s): they are saved "
-                "without it, and a resumed run starts the data from its beginning.",
+                "The training data's position cannot be saved in checkpoints (%s): they are "
+                "saved without it, and a resumed run starts the data from its beginning.",
                 problem,
             )
             self.checkpoint_data = False
-            with self.strategy.scope():
-                return self._distribute(repeated), False
-        symbolic = data_lib.with_symbolic_position(repeated)
-        problem = data_lib.save_problem(symbolic)
-        if problem is None:
-            with self.strategy.scope():
-                return self._distribute(symbolic), True
-        logging.warning(
-            "The training data's position is saved in TensorFlow's explicit iterator state "
-            "(%s), which is not always exact: after a resume, a reshuffled pass that was being "
-            "read ahead at the save can come in another order.",
-            problem,
-        )
         with self.strategy.scope():
             return self._distribute(repeated), False
 
