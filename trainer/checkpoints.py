@@ -44,6 +44,8 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from termwise.trainer.errors import first_line
+
 __all__ = [
     "RUN_RECORD",
     "CheckpointError",
@@ -71,13 +73,6 @@ _HYPERPARAMETERS = frozenset({"_learning_rate"})
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be restored as asked: one line, nothing lost."""
-
-
-def _first_line(error: BaseException) -> str:
-    """An error's first line without TensorFlow's `{{function_node ...}}` and `[Op:...]`."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text)
-    return re.sub(r"\s*\[Op:\w+\].*$", "", text)
 
 
 # ------------------------------------------------------------------------------------------
@@ -112,7 +107,7 @@ def damage(prefix: str) -> str | None:
     try:
         reader = tf.train.load_checkpoint(prefix)
     except (tf.errors.OpError, ValueError) as error:
-        return f"its .index file cannot be read ({_first_line(error)})"
+        return f"its .index file cannot be read ({first_line(error)})"
     dtypes = reader.get_variable_to_dtype_map()
     if _GRAPH_KEY not in dtypes:
         return "it is not an object-based checkpoint (tf.train.Checkpoint)"
@@ -123,7 +118,7 @@ def damage(prefix: str) -> str | None:
                     prefix=prefix, tensor_names=[key], shape_and_slices=[""], dtypes=[dtype]
                 )
             except tf.errors.OpError as error:
-                return f"{key} cannot be read ({_first_line(error)})"
+                return f"{key} cannot be read ({first_line(error)})"
     return None
 
 
@@ -613,7 +608,7 @@ class Checkpoints:
                 tf.train.Checkpoint(data=iterator).read(self.restored).expect_partial()
                 return True
             except (tf.errors.OpError, ValueError, AssertionError) as error:
-                why = f"it cannot be restored into this pipeline ({_first_line(error)})"
+                why = f"it cannot be restored into this pipeline ({first_line(error)})"
         note = (
             f"the data position of {name} is not used: {why}; the training data starts from "
             "its beginning"
@@ -631,7 +626,7 @@ class Checkpoints:
                 record = json.load(handle)
             return record if isinstance(record, dict) else {}
         except (ValueError, tf.errors.OpError) as error:
-            logging.warning("Ignoring %s: %s", path, _first_line(error))
+            logging.warning("Ignoring %s: %s", path, first_line(error))
             return {}
 
     def _changed_options(self, record: dict) -> list[tuple[str, object, object]]:
@@ -784,7 +779,7 @@ class Checkpoints:
             del self._checkpoint.data
             self._data_attached = False
             path = self._save_once(step)  # raises when the data position was not the cause
-            self.data_error = _first_line(error)
+            self.data_error = first_line(error)
         if not self._writer:
             tf.io.gfile.rmtree(self._save_dir)
         else:

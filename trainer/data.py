@@ -16,6 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from termwise.trainer.errors import first_line
+
 _PYTHON_FED = "_termwise_python_fed"
 _HEAD = "_termwise_first_batch"
 
@@ -170,31 +172,24 @@ def batch_size_of(batch) -> int | tf.Tensor:
 SYMBOLIC = " [symbolic position]"  # recorded after the batches' structure (run.json "data")
 
 
-def _graph(dataset: tf.data.Dataset) -> tf.Tensor:
-    """The dataset's serialized graph; a FailedPreconditionError where a function holds state."""
-    return tf.raw_ops.DatasetToGraphV2(
-        input_dataset=dataset._variant_tensor,  # noqa: SLF001 (TensorFlow's own route)
-        external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL.value,
-        strip_device_assignment=True,
-    )
-
-
-def _first_line(error: tf.errors.OpError) -> str:
-    return str(error).split("}}")[-1].strip().splitlines()[0]
-
-
 def position_problem(dataset: tf.data.Dataset) -> str | None:
     """Why no checkpoint can hold `dataset`'s position exactly, or None.
 
     A function with a stateful op (`tf.random.uniform` or `tf.py_function` in a `map`) keeps
-    state outside the pipeline that neither kind of saved position holds.
+    state outside the pipeline that neither kind of saved position holds: serializing the
+    dataset's graph with `ExternalStatePolicy.FAIL` says so. A graph that cannot be serialized
+    for another reason is left to the first save to report.
     """
     try:
-        _graph(dataset)
+        tf.raw_ops.DatasetToGraphV2(
+            input_dataset=dataset._variant_tensor,  # noqa: SLF001 (TensorFlow's own route)
+            external_state_policy=tf.data.experimental.ExternalStatePolicy.FAIL.value,
+            strip_device_assignment=True,
+        )
     except tf.errors.FailedPreconditionError as error:
-        return _first_line(error)
-    except tf.errors.OpError:  # not serializable for another reason: the first save will say
-        return None
+        return first_line(error)
+    except tf.errors.OpError:
+        pass
     return None
 
 

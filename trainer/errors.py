@@ -14,11 +14,19 @@ static) fails as `tf.errors.InvalidArgumentError` with a message that starts wit
 from __future__ import annotations
 
 import contextlib
+import re
 
 import tensorflow as tf
 
 # Messages of the Trainer's in-graph checks start with this (tf.debugging.assert_* messages).
 MARKER = "termwise: "  # also `terms.ASSERTION_PREFIX`
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line without TensorFlow's `{{function_node ...}}` and `[Op:...]`."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:\w+\].*$", "", text)
 
 
 class NonFiniteLossError(FloatingPointError):

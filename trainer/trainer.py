@@ -669,12 +669,7 @@ class Trainer(StepMixin):
         if dataset is self._train_dataset:
             return self._train_iterator
         if data_lib.is_python_fed(dataset) and self.checkpoint_data and self._checkpoints:
-            logging.warning(
-                "The training data is read through Python (a PyDataset or a generator), so "
-                "checkpoints cannot hold its position: they are saved without it, and a resumed "
-                "run starts the data from its beginning."
-            )
-            self.checkpoint_data = False
+            self._drop_data_position("it is read through Python: a PyDataset or a generator")
         repeated = dataset if data_lib.is_read_once(dataset) else dataset.repeat()
         iterator, symbolic = self._positioned_iterator(repeated)
         if self._checkpoints is not None and self._train_iterator is None:
@@ -699,14 +694,19 @@ class Trainer(StepMixin):
             if problem is None:
                 with self.strategy.scope():
                     return self._distribute(data_lib.with_symbolic_position(repeated)), True
-            logging.warning(
-                "The training data's position cannot be saved in checkpoints (%s): they are "
-                "saved without it, and a resumed run starts the data from its beginning.",
-                problem,
-            )
-            self.checkpoint_data = False
+            self._drop_data_position(problem)
         with self.strategy.scope():
             return self._distribute(repeated), False
+
+    def _drop_data_position(self, why: str, *, from_now_on: bool = False) -> None:
+        """Saves checkpoints without the training data's position from now on, and says so."""
+        logging.warning(
+            "The training data's position cannot be saved in checkpoints (%s): they are saved "
+            "without it%s, and a resumed run starts the data from its beginning.",
+            why,
+            " from now on" if from_now_on else "",
+        )
+        self.checkpoint_data = False
 
     def _distribute(self, dataset: tf.data.Dataset):
         if self._distributed:
@@ -1297,12 +1297,7 @@ class Trainer(StepMixin):
         data = self._train_iterator if self.checkpoint_data else None
         path = self._checkpoints.save(self.step, data=data)
         if data is not None and self._checkpoints.data_error:
-            logging.warning(
-                "The training data's position cannot be saved (%s): checkpoints are saved "
-                "without it from now on, and a resumed run starts the data from its beginning.",
-                self._checkpoints.data_error,
-            )
-            self.checkpoint_data = False
+            self._drop_data_position(self._checkpoints.data_error, from_now_on=True)
         return path
 
     def _claim_run_directories(self) -> None:
