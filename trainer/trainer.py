@@ -669,7 +669,10 @@ class Trainer(StepMixin):
         if dataset is self._train_dataset:
             return self._train_iterator
         if data_lib.is_python_fed(dataset) and self.checkpoint_data and self._checkpoints:
-            self._drop_data_position("it is read through Python: a PyDataset or a generator")
+            self._drop_data_position(
+                "it is read through Python, a PyDataset or a generator, so a checkpoint "
+                "cannot hold its position"
+            )
         repeated = dataset if data_lib.is_read_once(dataset) else dataset.repeat()
         iterator, symbolic = self._positioned_iterator(repeated)
         if self._checkpoints is not None and self._train_iterator is None:
