@@ -592,6 +592,7 @@ class StepMixin:
                 self._train_functions[diagnostic] = self._make_train_function(diagnostic)
             function = self._train_functions[diagnostic]
             concrete = function.get_concrete_function(iterator, tf.TensorSpec([], tf.int32))
+            self._window.allocate()  # the trace named the window's keys
             self._calls[diagnostic] = cached = (iterator, concrete)
         return cached[1]
 
@@ -619,30 +620,28 @@ class Window(tf.Module):
     `add(logs)` (inside the compiled call) adds a step's values where the step was applied and
     keeps the step's values as `last`; the host reads the means and resets at each logged step
     (`means`, `reset`) and at each epoch's end (`epoch_means`, `reset_epoch`: Keras's running
-    means for callbacks). The variables are created on the first trace (the keys are known
-    then) and are part of the checkpoint, so a resume between two logged steps continues the
-    same means.
+    means for callbacks). The keys are named by the first trace, which sizes the variables
+    (`allocate`); the variables are part of the checkpoint, so a resume between two logged steps
+    continues the same means.
     """
 
     def __init__(self):
         super().__init__(name="window")
         self.keys: tuple[str, ...] | None = None
-        self.sums = None
-        self.count = None
-        self.epoch_sums = None
-        self.epoch_count = None
-        self.last = None
+        # Created empty before any trace and sized by `allocate` once the first trace has named
+        # the keys: a variable created inside a trace makes `tf.function` trace the whole step
+        # a second time (about half of the time to the first step).
+        vector = tf.TensorShape([None])
+        self.sums = tf.Variable(tf.zeros([0], tf.float64), shape=vector, trainable=False)
+        self.count = tf.Variable(tf.zeros([], tf.float64), trainable=False)
+        self.epoch_sums = tf.Variable(tf.zeros([0], tf.float64), shape=vector, trainable=False)
+        self.epoch_count = tf.Variable(tf.zeros([], tf.float64), trainable=False)
+        self.last = tf.Variable(tf.zeros([0], tf.float32), shape=vector, trainable=False)
 
     def add(self, logs: Mapping[str, tf.Tensor]) -> None:
         keys = tuple(k for k in logs if k != APPLIED)
         if self.keys is None:
-            with tf.init_scope():
-                self.keys = keys
-                self.sums = tf.Variable(tf.zeros([len(keys)], tf.float64), trainable=False)
-                self.count = tf.Variable(tf.zeros([], tf.float64), trainable=False)
-                self.epoch_sums = tf.Variable(tf.zeros([len(keys)], tf.float64), trainable=False)
-                self.epoch_count = tf.Variable(tf.zeros([], tf.float64), trainable=False)
-                self.last = tf.Variable(tf.zeros([len(keys)], tf.float32), trainable=False)
+            self.keys = keys
         elif keys != self.keys:
             raise ValueError(f"The step's logs changed from {list(self.keys)} to {list(keys)}.")
         values = tf.stack([tf.cast(logs[k], tf.float32) for k in keys])
@@ -653,6 +652,28 @@ class Window(tf.Module):
         self.epoch_sums.assign_add(kept)
         self.epoch_count.assign_add(applied)
         self.last.assign(values)
+
+    def allocate(self) -> None:
+        """Sizes the variables for the keys the first trace named (zeros), before any call.
+
+        A window restored from a checkpoint already holds one value per key; one of another
+        size was saved by a run that logged other values per step, and cannot continue.
+
+        Raises:
+            ValueError: when the restored window's size is not the number of keys.
+        """
+        size, wanted = int(tf.size(self.sums)), len(self.keys or ())
+        if size == wanted:
+            return
+        if size:
+            raise ValueError(
+                f"The checkpoint's logging window holds {size} values per step, but this run "
+                f"logs {wanted} ({', '.join(self.keys)}): it was saved by a run with other "
+                "terms or metrics, so its means cannot continue here."
+            )
+        self.sums.assign(tf.zeros([wanted], tf.float64))
+        self.epoch_sums.assign(tf.zeros([wanted], tf.float64))
+        self.last.assign(tf.zeros([wanted], tf.float32))
 
     @property
     def ready(self) -> bool:

@@ -179,3 +179,45 @@ def test_the_default_calls_give_what_one_step_per_call_gives_bit_for_bit():
     for key in logs:
         if not key.startswith("perf/"):
             assert default_logs[key] == logs[key], key
+
+
+class CountingTrainer(Trainer):
+    """Counts the traces of its training step."""
+
+    traces = 0
+
+    def _replica_train_step(self, batches, diagnostic=False):
+        type(self).traces += 1
+        return super()._replica_train_step(batches, diagnostic)
+
+
+def test_the_first_fit_traces_the_plain_step_once():
+    # The logging window created its variables inside the first trace, which made tf.function
+    # trace the whole step a second time (about half of the time to the first step).
+    x, y = regression_data(32, features=2)
+    t = CountingTrainer(
+        linear_model(),
+        sgd(),
+        loss=losses.mean_squared_error,
+        progress=False,
+        log_every=2,
+        grad_log_every=0,
+    )
+    history = t.fit((x, y), steps=4, batch_size=16)
+    assert CountingTrainer.traces == 1
+    assert history.steps["loss/loss"] == [2, 4]  # the window, sized after the trace, logs its means
+    assert t._window.sums.numpy().shape == (len(t._window.keys),)
+
+
+def test_a_restored_window_of_other_keys_is_refused(tmp_path):
+    from termwise.trainer import step as step_lib
+
+    window = step_lib.Window()
+    window.sums.assign(tf.zeros([3], tf.float64))  # as a checkpoint of three values restores
+    window.keys = ("loss/a", "examples")
+    with pytest.raises(ValueError, match="holds 3 values per step, but this run logs 2"):
+        window.allocate()
+    fresh = step_lib.Window()
+    fresh.keys = ("loss/a", "examples")
+    fresh.allocate()
+    assert fresh.sums.numpy().tolist() == [0.0, 0.0] and fresh.last.numpy().shape == (2,)
