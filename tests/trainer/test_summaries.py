@@ -495,3 +495,31 @@ def test_every_write_runs_off_the_calling_thread_in_order_with_the_values_given(
     assert notes == [(1, b"step 1"), (2, b"step 2"), (3, b"step 3")]
     term = read_events(str(tmp_path / summaries.term_run("a")))
     assert [v for _, v in series(term, "by_term/train/loss")] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.random.default_rng(0).random((2, 5, 7, 3)),  # floats in [0, 1]
+        np.random.default_rng(1).normal(0.5, 1.0, (1, 4, 6, 1)),  # floats beyond: clipped
+        np.random.default_rng(2).integers(0, 256, (3, 6, 5, 4)).astype(np.uint8),
+    ],
+)
+def test_images_decode_to_what_tf_summary_image_writes(tmp_path, images):
+    """The images are encoded by Pillow and written as a raw summary: the events must hold
+    what `tf.summary.image` writes (its metadata, width and height, the same pixels)."""
+    ours = summaries.SummaryWriter(str(tmp_path / "ours"))
+    ours.images("x", images, step=2, max_outputs=2)
+    ours.flush()
+    theirs = tf.summary.create_file_writer(str(tmp_path / "theirs"))
+    with theirs.as_default(step=2):
+        tf.summary.image("images/x", images, max_outputs=2)
+    theirs.flush()
+    (a,) = read_events(str(tmp_path / "ours")).Tensors("images/x")
+    (b,) = read_events(str(tmp_path / "theirs")).Tensors("images/x")
+    a, b = tf.make_ndarray(a.tensor_proto), tf.make_ndarray(b.tensor_proto)
+    assert a.shape == b.shape and list(a[:2]) == list(b[:2])  # the count, width, height
+    for ours_png, theirs_png in zip(a[2:], b[2:], strict=True):
+        assert np.array_equal(tf.io.decode_png(ours_png), tf.io.decode_png(theirs_png))
+    metadata = read_events(str(tmp_path / "ours")).SummaryMetadata("images/x")
+    assert metadata.plugin_data.plugin_name == "images"
