@@ -390,6 +390,7 @@ class Trainer(StepMixin):
         self._calls: dict[bool, tuple] = {}  # diagnostic -> (iterator, concrete function)
         self._eval_function = None
         self._call_thread = preemption_lib.CallThread()
+        self._sizer: CallSizer | None = None  # the steps per compiled call (see `fit`)
         self._random_warning_given = False
         self._raw_weights: dict[str, list] = {}  # use_ema: the raw values while averages show
         self._last_logs: dict[str, float] = {}
@@ -845,12 +846,16 @@ class Trainer(StepMixin):
             calls = calls or 100  # every worker must run the same calls (see ClusterPreemption)
             if self._checkpoints is not None:
                 actions_list.append(self._cluster_preemption())
+        if self._sizer is None or self._sizer.fixed != calls:
+            # One per Trainer: a later fit starts at the call size the last one reached, not at
+            # one step (a fit of 1,000 VAE steps spent 7 of its 17 calls growing back to 100).
+            self._sizer = CallSizer(calls)
         controller = Controller(
             lambda count, diagnostic: self._run_call(iterator, count, diagnostic, guard),
             actions_list,
             start=start,
             end=start + steps,
-            sizer=CallSizer(calls),
+            sizer=self._sizer,
             diagnostic_every=self.grad_log_every,
         )
         self._stop.assign(False)

@@ -71,6 +71,27 @@ def test_call_size_changes_nothing_that_is_logged_or_learned(calls):
     assert reference.steps["loss/loss"] == [5, 10, 13]
 
 
+def test_a_later_fit_starts_at_the_call_size_the_last_one_reached():
+    # Each fit began again at calls of one step (1, 2, 4, ... to the next boundary), however
+    # far the last fit's calls had grown.
+    x, y, data = fixed_batches()
+    t = Trainer(linear_model(), sgd(0.0), loss=losses.mean_squared_error, progress=False)
+    counts = []
+    run_call = t._run_call
+
+    def recording(iterator, count, diagnostic, guard):
+        counts.append(count)
+        return run_call(iterator, count, diagnostic, guard)
+
+    t._run_call = recording
+    t.fit(data.repeat(), steps=15)
+    assert counts == [1, 2, 4, 8]
+    counts.clear()
+    t.fit(data.repeat(), steps=40)
+    assert counts == [16, 24]  # 16 steps (grown after the 8), then to the fit's end
+    assert t.step == 55
+
+
 def test_history_holds_every_logged_value_with_validation():
     x, y = regression_data(32)
     t = Trainer(
