@@ -533,6 +533,7 @@ class Trainer(StepMixin):
             return sample_weight
         return None
 
+    @tf.autograph.experimental.do_not_convert  # called from converted user code; no tensor flow
     def add_metric(self, name: str, value) -> None:
         """Logs `value` under `name` this step; call it inside `compute_terms`.
 

@@ -221,3 +221,31 @@ def test_a_restored_window_of_other_keys_is_refused(tmp_path):
     fresh.keys = ("loss/a", "examples")
     fresh.allocate()
     assert fresh.sums.numpy().tolist() == [0.0, 0.0] and fresh.last.numpy().shape == (2,)
+
+
+class MetricTrainer(Trainer):
+    def compute_terms(self, batch, training):
+        x, y = batch
+        pred = self.model(x, training=training)
+        self.add_metric("below", losses.fraction_below(pred, 0.5))
+        return {"mse": losses.mean_squared_error(y, pred)}
+
+
+def test_autograph_converts_the_users_code_and_not_termwises(monkeypatch):
+    # Termwise's own functions (sample_weight, the regularization sum, add_metric, the losses)
+    # were converted beside the user's compute_terms: 0.1 to 0.4 s of the first step.
+    from tensorflow.python.autograph.pyct import transpiler
+
+    converted = []
+    transform = transpiler.PyToPy.transform_function
+
+    def recording(self, fn, user_context):
+        converted.append(f"{fn.__module__}.{fn.__qualname__}")
+        return transform(self, fn, user_context)
+
+    monkeypatch.setattr(transpiler.PyToPy, "transform_function", recording)
+    x, y = regression_data(32, features=2)
+    t = MetricTrainer(linear_model(), sgd(), progress=False, grad_log_every=2)
+    history = t.fit((x, y), steps=2, batch_size=16)
+    assert converted and {c.rsplit(".", 2)[-2:][0] for c in converted} == {"MetricTrainer"}
+    assert history.history["below"] and history.history["grad_norm/mse"]
