@@ -91,3 +91,16 @@ def test_quick_benchmark_reports_every_contender(tmp_path):
     assert measured["isolated"] and measured["first_steps"] == 5
     assert _positive(measured["time_to_first_step_s"]) and _positive(measured["peak_rss_mb"])
     assert measured["peak_rss_mb"] >= measured["rss_before_first_call_mb"]
+
+
+def test_ratios_pair_the_contenders_of_each_repeat():
+    # The ratio of the two medians mixed a fast repeat of one with a slow repeat of the other.
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark_under_test", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rates = {"a": [2.0, 6.0, 3.0], "b": [1.0, 2.0, 3.0]}  # per repeat: 2, 3 and 1
+    assert benchmark.paired_ratio(rates, "a", "b") == 2.0  # the medians' ratio is 3 / 2
