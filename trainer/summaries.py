@@ -395,7 +395,7 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_images(tag: str, images: np.ndarray, step: int, max_outputs: int) -> None:
+def _write_image_summary(tag: str, images: np.ndarray, step: int, max_outputs: int) -> None:
     """Writes uint8 images [n, h, w, c] into the default writer as `tf.summary.image` does:
     the image plugin's string tensor [width, height, png, ...]."""
     height, width = images.shape[1:3]
@@ -563,7 +563,7 @@ class SummaryWriter:
 
     def _write_images(self, tag: str, images: np.ndarray, step: int, max_outputs: int) -> None:
         with self._writer.as_default(step=step):
-            _write_images(f"images/{tag}", images, step, max_outputs)
+            _write_image_summary(f"images/{tag}", images, step, max_outputs)
 
     def image(self, tag: str, image, step: int) -> None:
         """Writes one image ([h, w, c] floats in [0, 1], or uint8) under `images/<tag>`."""
