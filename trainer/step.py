@@ -43,6 +43,9 @@ EXAMPLES = "examples"  # per-step logs: the examples the step read
 APPLIED = "applied"  # per-step logs: 1 when the step's updates were applied
 
 
+_TERMWISE = "termwise."  # the modules of Termwise's own code
+
+
 def user_code(fn):
     """`fn` as a `tf.function` with autograph would run it: converted, with what it calls.
 
@@ -57,30 +60,21 @@ def user_code(fn):
     the reference models) has no control flow on tensors and runs unconverted, as Keras's does:
     converting it took 0.1 to 0.4 s of a first step (`_no_autograph_in_termwise`).
     """
-    if not tf.inside_function() or _is_termwise_code(fn):
+    if not tf.inside_function():
+        return fn
+    if inspect.ismethod(fn):
+        function, bound = fn.__func__, fn.__self__
+    elif inspect.isfunction(fn):
+        function, bound = fn, None
+    else:  # a callable object
+        function, bound = inspect.getattr_static(type(fn), "__call__", None), fn
+    if not inspect.isfunction(function) or (function.__module__ or "").startswith(_TERMWISE):
         return fn
     try:
-        if inspect.ismethod(fn):
-            return functools.partial(tf.autograph.to_graph(fn.__func__), fn.__self__)
-        if inspect.isfunction(fn):
-            return tf.autograph.to_graph(fn)
-        call = inspect.getattr_static(type(fn), "__call__", None)  # a callable object
-        if inspect.isfunction(call):
-            return functools.partial(tf.autograph.to_graph(call), fn)
+        converted = tf.autograph.to_graph(function)
     except Exception:  # noqa: BLE001 - as autograph does: what it cannot convert runs as is
         return fn
-    return fn
-
-
-def _is_termwise_code(fn) -> bool:
-    """Whether `fn` (a function, a method or a callable object) is defined by Termwise."""
-    target = getattr(fn, "__func__", fn)
-    if not inspect.isfunction(target):
-        target = inspect.getattr_static(type(fn), "__call__", None)
-    return getattr(target, "__module__", "").startswith(_TERMWISE)
-
-
-_TERMWISE = "termwise."
+    return converted if bound is None else functools.partial(converted, bound)
 
 
 def _no_autograph_in_termwise() -> None:

@@ -481,7 +481,7 @@ class SummaryWriter:
         values, by_term = dict(values), self._split(values)
         layout = not self._layout_written and bool(self.term_names)
         self._layout_written = self._layout_written or layout
-        phases = list(self.term_names) or ["train"]
+        phases = list(self.term_names)  # the layout's charts, when it is written
 
         def write():
             with self._writer.as_default(step=step):
