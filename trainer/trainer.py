@@ -388,6 +388,7 @@ class Trainer(StepMixin):
         self._train_iterator = None
         self._train_functions: dict[bool, object] = {}  # diagnostic -> tf.function
         self._calls: dict[bool, tuple] = {}  # diagnostic -> (iterator, concrete function)
+        self._apply_functions: dict[str, object] = {}  # phase -> its update (`_gated_apply`)
         self._eval_function = None
         self._call_thread = preemption_lib.CallThread()
         self._sizer: CallSizer | None = None  # the steps per compiled call (see `fit`)
