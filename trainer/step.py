@@ -77,6 +77,12 @@ def user_code(fn):
     return converted if bound is None else functools.partial(converted, bound)
 
 
+def _apply_update(phase: Phase, grads) -> tf.Tensor:
+    """The phase's optimizer update from `grads`; True, as the branch of a `tf.cond`."""
+    phase.optimizer.apply(grads, phase.variables)
+    return tf.constant(True)
+
+
 def _no_autograph_in_termwise() -> None:
     """Tells autograph not to convert the losses users call from `compute_terms`.
 
@@ -480,10 +486,6 @@ class StepMixin:
             self._gated_apply(phase)(list(grads), ok)
             return
 
-        def apply(grads):
-            phase.optimizer.apply(grads, phase.variables)
-            return tf.constant(True)
-
         # A cond whose branch calls `optimizer.apply` is not allowed in a replica context under
         # MirroredStrategy: branch in the cross-replica context (LossScaleOptimizer's pattern).
         # The gradients go through `merge_call`'s args, so each replica applies its own.
@@ -491,7 +493,9 @@ class StepMixin:
             ok = strategy.experimental_local_results(ok)[0]
 
             def apply_each():
-                strategy.extended.call_for_each_replica(apply, args=(grads,))
+                strategy.extended.call_for_each_replica(
+                    functools.partial(_apply_update, phase), args=(grads,)
+                )
                 return tf.constant(True)
 
             tf.cond(ok, apply_each, lambda: tf.constant(False))
@@ -511,11 +515,7 @@ class StepMixin:
         if function is None:
 
             def gated(grads, ok):
-                def apply():
-                    phase.optimizer.apply(grads, phase.variables)
-                    return tf.constant(True)
-
-                return tf.cond(ok, apply, lambda: tf.constant(False))
+                return tf.cond(ok, lambda: _apply_update(phase, grads), lambda: tf.constant(False))
 
             function = tf.function(gated, autograph=False)
             self._apply_functions[phase.name] = function
