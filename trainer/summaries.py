@@ -25,13 +25,21 @@ import json
 import math
 import os
 import re
+import struct
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.proto import (
+    event_pb2,
+    summary_pb2,
+    tensor_pb2,
+    tensor_shape_pb2,
+    types_pb2,
+)
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.hparams import api as hparams_api
@@ -220,6 +228,10 @@ def heatmap_image(
 ) -> np.ndarray:
     """Draws a labelled heatmap: names on both axes, the value in each cell, a colour bar.
 
+    What does not depend on the values or the title (the labels, the colour bar and its
+    ticks) is drawn once per layout and copied (`_heatmap_frame`): it was two thirds of a
+    drawing, repeated at every diagnostic step.
+
     Args:
         matrix: [len(rows), len(columns)] values; NaN cells are grey and show `missing`.
         rows, columns: the axis labels (column labels are written vertically).
@@ -232,44 +244,20 @@ def heatmap_image(
     Returns:
         A uint8 RGB image [height, width, 3].
     """
-    from PIL import Image, ImageDraw
+    from PIL import ImageDraw
 
     values = np.asarray(matrix, dtype=np.float64).reshape(len(rows), len(columns))
     stops = _DIVERGING if diverging else _SEQUENTIAL
-    font, small = _font(13), _font(11)
-
-    def size(text, f=font):
-        box = _text_box(text, 13 if f is font else 11)
-        return box[2] - box[0], box[3] - box[1]
-
-    pad = 8
-    cell_w = max(56, max((size(c)[1] for c in columns), default=0) + 12)
-    cell_h = 30
-    left = pad + max((size(r)[0] for r in rows), default=0) + pad
-    top = pad + (size(title)[1] + pad if title else 0)
-    top += max((size(c)[0] for c in columns), default=0) + pad
-    bar_x = left + cell_w * len(columns) + 2 * pad
-    bar_w = 16
-    scale_w = max(size(f"{v:+.2f}", small)[0] for v in (low, high)) + pad
-    width = max(min_width, bar_x + bar_w + 6 + scale_w + pad, pad + size(title)[0] + pad)
-    grid_h = cell_h * len(rows)
-    height = top + max(grid_h, 120) + pad
-    image = Image.new("RGB", (width, height), (255, 255, 255))
+    font = _font(13)
+    title_size = _extent(title) if title else None
+    frame, (left, top, cell_w, cell_h) = _heatmap_frame(
+        tuple(rows), tuple(columns), title_size, low, high, diverging, min_width
+    )
+    image = frame.copy()
     draw = ImageDraw.Draw(image)
     if title:
-        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
-    for j, name in enumerate(columns):  # vertical labels, bottom-aligned on the grid
-        w, h = size(name)
-        label = Image.new("RGB", (w + 4, h + 6), (255, 255, 255))
-        ImageDraw.Draw(label).text((2, -_text_box(name, 13)[1] + 2), name,
-                                   fill=(0, 0, 0), font=font)  # fmt: skip
-        label = label.rotate(90, expand=True)
-        x = left + j * cell_w + (cell_w - label.width) // 2
-        image.paste(label, (x, top - pad - label.height + 4))
-    for i, name in enumerate(rows):
-        w, h = size(name)
-        draw.text((left - pad - w, top + i * cell_h + (cell_h - h) // 2 - 2), name,
-                  fill=(0, 0, 0), font=font)  # fmt: skip
+        draw.text((_PAD, _PAD), title, fill=(0, 0, 0), font=font)
+    for i in range(len(rows)):
         for j in range(len(columns)):
             value = values[i, j]
             x0, y0 = left + j * cell_w, top + i * cell_h
@@ -282,9 +270,69 @@ def heatmap_image(
                            outline=(255, 255, 255))  # fmt: skip
             luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
             ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
-            tw, th = size(text)
+            tw, th = _extent(text)
             draw.text((x0 + (cell_w - tw) // 2, y0 + (cell_h - th) // 2 - 2), text, fill=ink,
                       font=font)  # fmt: skip
+    return np.asarray(image, dtype=np.uint8)
+
+
+_PAD = 8  # the heatmap's margin between its parts
+
+
+def _extent(text: str, font_size: int = 13) -> tuple[int, int]:
+    """The width and height of `text` in the default font."""
+    box = _text_box(text, font_size)
+    return box[2] - box[0], box[3] - box[1]
+
+
+@functools.lru_cache(maxsize=32)
+def _heatmap_frame(
+    rows: tuple[str, ...],
+    columns: tuple[str, ...],
+    title_size: tuple[int, int] | None,
+    low: float,
+    high: float,
+    diverging: bool,
+    min_width: int,
+):
+    """A heatmap's white image with its labels and colour bar drawn, and the grid's geometry.
+
+    Returns `(image, (left, top, cell_w, cell_h))`: the Pillow image (copied before drawing
+    on it) and the grid's top-left corner and cell size. The title's size is the only part of
+    the title the layout depends on.
+    """
+    from PIL import Image, ImageDraw
+
+    stops = _DIVERGING if diverging else _SEQUENTIAL
+    font, small = _font(13), _font(11)
+    pad = _PAD
+    cell_w = max(56, max((_extent(c)[1] for c in columns), default=0) + 12)
+    cell_h = 30
+    left = pad + max((_extent(r)[0] for r in rows), default=0) + pad
+    top = pad + (title_size[1] + pad if title_size else 0)
+    top += max((_extent(c)[0] for c in columns), default=0) + pad
+    bar_x = left + cell_w * len(columns) + 2 * pad
+    bar_w = 16
+    scale_w = max(_extent(f"{v:+.2f}", 11)[0] for v in (low, high)) + pad
+    width = max(min_width, bar_x + bar_w + 6 + scale_w + pad)
+    if title_size:
+        width = max(width, pad + title_size[0] + pad)
+    grid_h = cell_h * len(rows)
+    height = top + max(grid_h, 120) + pad
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for j, name in enumerate(columns):  # vertical labels, bottom-aligned on the grid
+        w, h = _extent(name)
+        label = Image.new("RGB", (w + 4, h + 6), (255, 255, 255))
+        ImageDraw.Draw(label).text((2, -_text_box(name, 13)[1] + 2), name,
+                                   fill=(0, 0, 0), font=font)  # fmt: skip
+        label = label.rotate(90, expand=True)
+        x = left + j * cell_w + (cell_w - label.width) // 2
+        image.paste(label, (x, top - pad - label.height + 4))
+    for i, name in enumerate(rows):
+        w, h = _extent(name)
+        draw.text((left - pad - w, top + i * cell_h + (cell_h - h) // 2 - 2), name,
+                  fill=(0, 0, 0), font=font)  # fmt: skip
     bar_h = max(grid_h, 120)
     for k in range(bar_h):  # the colour bar: high at the top
         value = high - (high - low) * k / max(bar_h - 1, 1)
@@ -295,10 +343,10 @@ def heatmap_image(
         y = top + round(k * (bar_h - 1) / (len(ticks) - 1))
         draw.line([bar_x + bar_w, y, bar_x + bar_w + 4, y], fill=(0, 0, 0))
         text = f"{value:+.2f}" if diverging else f"{value:.2f}"
-        _, th = size(text, small)
+        _, th = _extent(text, 11)
         draw.text((bar_x + bar_w + 6, min(max(y - th // 2 - 2, 0), height - th - 4)), text,
                   fill=(0, 0, 0), font=small)  # fmt: skip
-    return np.asarray(image, dtype=np.uint8)
+    return image, (left, top, cell_w, cell_h)
 
 
 def layer_shares(norms) -> np.ndarray:
@@ -344,12 +392,19 @@ def _write_scalars(values: Mapping[str, float], step: int) -> None:
         return
     summary = summary_pb2.Summary()
     for tag, value in values.items():
-        summary.value.add(
-            tag=tag,
-            metadata=_SCALAR_METADATA,
-            tensor=tensor_util.make_tensor_proto(np.float32(value)),
-        )
+        summary.value.add(tag=tag, metadata=_SCALAR_METADATA, tensor=_float32_scalar(value))
     tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
+
+
+def _float32_scalar(value: float) -> tensor_pb2.TensorProto:
+    """The bytes `tensor_util.make_tensor_proto(np.float32(value))` serializes to (the field is a
+    float32), without its dtype dispatch: that was 40% of writing a logged step's scalars."""
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_shape=_SCALAR_SHAPE, float_val=[float(value)]
+    )
+
+
+_SCALAR_SHAPE = tensor_shape_pb2.TensorShapeProto()
 
 
 def _write_restart(writer, step: int) -> None:
@@ -381,18 +436,32 @@ def _image_batch(images) -> np.ndarray:
     return images
 
 
-def _png(image: np.ndarray) -> bytes:
-    """One [h, w, c] uint8 image (c = 1, 3 or 4) as PNG bytes: Pillow's encoder where it is
-    installed (about 1 ms for a heatmap, against 6 ms for TensorFlow's eager `encode_png`)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        return tf.io.encode_png(image).numpy()
-    import io
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-    return buffer.getvalue()
+
+_PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> grey, grey + alpha, RGB, RGBA
+
+
+def _png(image: np.ndarray) -> bytes:
+    """One [h, w, c] uint8 image (c = 1 to 4) as PNG bytes (ISO/IEC 15948: 8 bits a sample,
+    every row with filter 0, zlib level 1).
+
+    A heatmap's cells and margins are runs of one colour, which zlib's fastest level packs
+    to within a tenth of Pillow's adaptive filters at level 6, five times faster (0.7 ms
+    against 3.7 ms for a 374 x 320 heatmap; TensorFlow's eager `encode_png` took 6 ms).
+    """
+    height, width, channels = image.shape
+    rows = np.empty((height, 1 + width * channels), dtype=np.uint8)
+    rows[:, 0] = 0  # the filter type of each row: none
+    rows[:, 1:] = image.reshape(height, width * channels)
+    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOUR_TYPE[channels], 0, 0, 0)
+    return b"".join((
+        b"\x89PNG\r\n\x1a\n",
+        _png_chunk(b"IHDR", header),
+        _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)),
+        _png_chunk(b"IEND", b""),
+    ))  # fmt: skip
 
 
 def _write_image_summary(tag: str, images: np.ndarray, step: int, max_outputs: int) -> None:
@@ -420,7 +489,10 @@ class SummaryWriter:
     Every write runs on one background thread, in the order the methods were called, while
     the next compiled call runs: a logged step's scalars, gradient tags, tensors and heatmaps
     took 15 to 20 ms of eager summary ops, PNG encoding and file writes against a VAE's 0.8 ms
-    step (a fifth of the time between two logged steps, every 100 steps). The values are
+    step (a fifth of the time between two logged steps, every 100 steps), and on two cores that
+    thread still takes its CPU from the step: the heatmaps' frames are cached, the PNGs written
+    at zlib's fastest level and the scalar tensors built directly, which brought a logged step
+    from 30-34 to 11-13 ms of this thread's CPU time (VAE; CNN 25 -> 13 ms). The values are
     copied when a method is called; `flush` and `close` wait for the writes and raise the
     first error one raised (so does the next method called after a failed write).
 

@@ -320,6 +320,63 @@ def test_heatmap_title_is_not_cut_at_the_right_edge():
     assert image.shape[1] > title_width and ink.max() < image.shape[1] - 4
 
 
+def test_heatmaps_drawn_on_a_cached_frame_are_those_drawn_on_a_fresh_one():
+    """The labels and colour bar are drawn once per layout and copied: drawing a map must not
+    change the frame the next one is drawn on, and a map drawn after others (the cache holding
+    their frames) must be the one drawn first, pixel for pixel."""
+    rng = np.random.default_rng(0)
+    rows, columns = ["encoder/dense", "decoder/dense_1", "out"], ["reconstruction", "kl"]
+    maps = [rng.uniform(-1.2, 1.2, (3, 2)) for _ in range(2)] + [rng.uniform(0, 1, (2, 2))]
+    maps[1][0, 1] = np.nan
+    layouts = [
+        (maps[0], rows, columns, {"title": "train: step 100"}),
+        (maps[1], rows, columns, {"title": "train: step 200", "missing": ""}),
+        (maps[2], columns, columns, {"low": 0.0, "diverging": False}),
+        (maps[0], rows, columns, {"title": "a title wider than the grid and its colour bar " * 2}),
+    ]
+    summaries._heatmap_frame.cache_clear()
+    fresh = []
+    for matrix, r, c, options in layouts:
+        fresh.append(summaries.heatmap_image(matrix, r, c, **options))
+        summaries._heatmap_frame.cache_clear()
+    for _ in range(2):  # every frame cached after the first pass
+        for (matrix, r, c, options), expected in zip(layouts, fresh, strict=True):
+            assert np.array_equal(summaries.heatmap_image(matrix, r, c, **options), expected)
+    assert summaries._heatmap_frame.cache_info().hits >= len(layouts)
+    # The cells show the values: the same layout with other values is another image.
+    other = summaries.heatmap_image(maps[1], rows, columns, title="train: step 100")
+    assert not np.array_equal(fresh[0], other)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_png_decodes_to_the_pixels_it_encodes(channels):
+    """`_png` writes the PNG format itself (no filter, zlib): Pillow's and TensorFlow's decoders
+    must read back the same pixels, for every channel count, flat regions and noise alike."""
+    from PIL import Image
+
+    rng = np.random.default_rng(channels)
+    image = rng.integers(0, 256, (37, 23, channels)).astype(np.uint8)
+    image[5:30, 2:20] = rng.integers(0, 256, channels)  # a run of one colour, as in a heatmap
+    encoded = summaries._png(image)
+    assert np.array_equal(tf.io.decode_png(encoded).numpy(), image)
+    import io
+
+    decoded = np.asarray(Image.open(io.BytesIO(encoded)))
+    assert np.array_equal(decoded.reshape(image.shape), image)
+
+
+def test_scalar_events_hold_the_tensor_tf_summary_scalar_writes():
+    """Each scalar's tensor is built directly (not through `make_tensor_proto`): its bytes must
+    be those of the float32 scalar tensor, rounding, overflow, NaN and -0.0 included."""
+    from tensorboard.util import tensor_util
+
+    for value in (0.5, 1 / 3, 1e-3, -2.7e38, 3.5e38, float("nan"), float("inf"), -0.0, 1e-46, 7):
+        ours = summaries._float32_scalar(value).SerializeToString()
+        with np.errstate(over="ignore"):  # 3.5e38 is beyond float32: inf, as the proto's
+            theirs = tensor_util.make_tensor_proto(np.float32(value))
+        assert ours == theirs.SerializeToString()
+
+
 def test_layer_shares_sum_to_one_per_layer():
     norms = np.array([[3.0, 0.0, 1.0], [1.0, 0.0, -1.0]])
     shares = summaries.layer_shares(norms)
@@ -506,8 +563,8 @@ def test_every_write_runs_off_the_calling_thread_in_order_with_the_values_given(
     ],
 )
 def test_images_decode_to_what_tf_summary_image_writes(tmp_path, images):
-    """The images are encoded by Pillow and written as a raw summary: the events must hold
-    what `tf.summary.image` writes (its metadata, width and height, the same pixels)."""
+    """The images are PNG-encoded by `summaries._png` and written as a raw summary: the events
+    must hold what `tf.summary.image` writes (its metadata, width and height, the same pixels)."""
     ours = summaries.SummaryWriter(str(tmp_path / "ours"))
     ours.images("x", images, step=2, max_outputs=2)
     ours.flush()
