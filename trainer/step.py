@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 from collections.abc import Mapping
 
 import keras
@@ -591,8 +592,20 @@ class StepMixin:
         if diagnostic:  # the diagnostic step alone: its trace holds one step, not a loop too
 
             def train_function(iterator, num_steps):
-                del num_steps  # one step; `_concrete` runs the call's other steps before it
-                out = one(diagnose, iterator)
+                # One step; `_concrete` runs the call's other steps before it. With num_steps 0
+                # nothing runs: `_compile_diagnostic_ahead` instantiates the graph that way.
+                traced = []
+
+                def step():
+                    traced.append(one(diagnose, iterator))
+                    return traced[0]
+
+                def nothing():  # traced after `step` (cond_v2 traces the true branch first)
+                    return tf.nest.map_structure(
+                        lambda t: tf.zeros([d or 0 for d in t.shape.as_list()], t.dtype), traced[0]
+                    )
+
+                out = tf.cond(num_steps > 0, step, nothing)
                 return {**out, "step": step_var.read_value(), "halted": halted.read_value()}
 
         else:
@@ -632,9 +645,49 @@ class StepMixin:
             rest = int(num_steps) - 1
             if rest > 0:  # a stop or a halt ends these early; the diagnostic step runs anyway
                 plain(iterator, tf.constant(rest, tf.int32))
+            self._await_compiled_diagnostic()
             return diagnose(iterator, num_steps)
 
         return call
+
+    def _compile_diagnostic_ahead(self, iterator) -> None:
+        """Traces the diagnostic function before the first step, and instantiates it on a
+        second thread while the first call runs (under the default strategy).
+
+        Tracing it at the run's first diagnostic step, and its first call's graph optimisation
+        and kernel creation, took about 0.5 s of a VAE's first 1,000 steps (0.9 s at the steady
+        state). The trace now runs before the first step (about 0.2 s, and an error of a
+        diagnostic-only path comes before any training); the instantiation, a call with
+        `num_steps` 0 which runs nothing, runs in C++ beside the first call's own.
+        """
+        if not self.grad_log_every or self._distributed:
+            return
+        cached = self._calls.get(True)
+        if cached is not None and cached[0] is iterator:
+            return
+        self._await_compiled_diagnostic()
+        diagnose = self._traced(iterator, True)
+        nothing = tf.constant(0, tf.int32)
+        result: list[BaseException] = []
+
+        def instantiate():
+            try:
+                diagnose(iterator, nothing)
+            except BaseException as error:  # noqa: BLE001 - re-raised by the first diagnostic call
+                result.append(error)
+
+        thread = threading.Thread(target=instantiate, name="termwise-compile")
+        thread.start()
+        self._compiling = (thread, result)
+
+    def _await_compiled_diagnostic(self) -> None:
+        """Waits for `_compile_diagnostic_ahead`'s thread, re-raising what it raised."""
+        compiling, self._compiling = self._compiling, None
+        if compiling is not None:
+            thread, result = compiling
+            thread.join()
+            if result:
+                raise result[0]
 
     def _traced(self, iterator, diagnostic: bool):
         cached = self._calls.get(diagnostic)

@@ -389,6 +389,7 @@ class Trainer(StepMixin):
         self._train_functions: dict[bool, object] = {}  # diagnostic -> tf.function
         self._calls: dict[bool, tuple] = {}  # diagnostic -> (iterator, concrete function)
         self._apply_functions: dict[str, object] = {}  # phase -> its update (`_gated_apply`)
+        self._compiling = None  # see `_compile_diagnostic_ahead`
         self._eval_function = None
         self._call_thread = preemption_lib.CallThread()
         self._sizer: CallSizer | None = None  # the steps per compiled call (see `fit`)
@@ -827,6 +828,7 @@ class Trainer(StepMixin):
             self._build_balancers(dataset)
             iterator = self._train_iterator_for(dataset)
             self._concrete(iterator, diagnostic=False)  # traces: term and weights checks here
+            self._compile_diagnostic_ahead(iterator)
         self._warn_stateful_random()
         self._write_hparams()
         start = self.step
