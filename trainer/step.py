@@ -601,9 +601,11 @@ class StepMixin:
                     return traced[0]
 
                 def nothing():  # traced after `step` (cond_v2 traces the true branch first)
-                    return tf.nest.map_structure(
-                        lambda t: tf.zeros([d or 0 for d in t.shape.as_list()], t.dtype), traced[0]
-                    )
+                    def zeros(t):  # of its static shape, unknown sizes 0
+                        dims = t.shape.as_list() if t.shape.rank is not None else []
+                        return tf.zeros([d or 0 for d in dims], t.dtype)
+
+                    return tf.nest.map_structure(zeros, traced[0])
 
                 out = tf.cond(num_steps > 0, step, nothing)
                 return {**out, "step": step_var.read_value(), "halted": halted.read_value()}
@@ -629,8 +631,8 @@ class StepMixin:
     def _concrete(self, iterator, diagnostic: bool):
         """The train function for `iterator`: its concrete function, or for a diagnostic call a
         callable of the same arguments that runs the plain function's `num_steps - 1` steps,
-        then the diagnostic function's one step (so that trace holds one step, not a loop too:
-        it is traced inside the run's first `grad_log_every` steps).
+        then the diagnostic function's one step (so that trace holds one step, not a loop too;
+        under the default strategy `_compile_diagnostic_ahead` traced it before the first step).
 
         Calling the `tf.function` itself matches its arguments against its traces on every
         call, which for an iterator walks the whole element spec: on a small model that cost

@@ -151,23 +151,23 @@ def test_the_plain_step_checks_finiteness_in_a_few_ops():
     assert ops["IsFinite"] <= 2, ops["IsFinite"]
 
 
-def test_the_default_calls_give_what_one_step_per_call_gives_bit_for_bit():
+def _penalised_trainer(**options):
+    """A penalised model (seed 3) under Adam, logging every 5 steps, diagnosing every 4."""
     from helpers import penalised_model
 
+    keras.utils.set_random_seed(3)
+    model = penalised_model()
+    options = {"log_every": 5, "grad_log_every": 4, "progress": False, **options}
+    return model, Trainer(
+        model, keras.optimizers.Adam(0.01), loss=losses.mean_squared_error, **options
+    )
+
+
+def test_the_default_calls_give_what_one_step_per_call_gives_bit_for_bit():
     x, y = regression_data(96)
 
     def train(**options):
-        keras.utils.set_random_seed(3)
-        model = penalised_model()
-        t = Trainer(
-            model,
-            keras.optimizers.Adam(0.01),
-            loss=losses.mean_squared_error,
-            log_every=5,
-            grad_log_every=4,
-            progress=False,
-            **options,
-        )
+        model, t = _penalised_trainer(**options)
         history = t.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat(), steps=23)
         return weights_of(model), history.history
 
@@ -293,21 +293,10 @@ def test_the_diagnostic_function_is_compiled_before_its_first_step_and_changes_n
     # optimisation, it took about 0.5 s of a VAE's first 1,000 steps (0.9 s at the steady
     # state). It is now traced before the first step and instantiated by a call of zero steps
     # on a second thread: that call must take no batch, draw no random number, change no state.
-    from helpers import penalised_model
-
     x, y = regression_data(96)
     runs = {}
     for ahead in (True, False):
-        keras.utils.set_random_seed(3)
-        model = penalised_model()
-        t = Trainer(
-            model,
-            keras.optimizers.Adam(0.01),
-            loss=losses.mean_squared_error,
-            log_every=5,
-            grad_log_every=4,
-            progress=False,
-        )
+        model, t = _penalised_trainer()
         if not ahead:
             t._compile_diagnostic_ahead = lambda iterator: None
         data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(96, seed=1).batch(16).repeat()
