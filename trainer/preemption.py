@@ -112,19 +112,30 @@ class CallThread:
                 self._job, self._result = None, result
                 self._request.notify_all()
 
-    def __call__(self, job):
+    def __call__(self, job, meanwhile=None):
+        """Runs `job` on the worker and returns its result; `meanwhile`, if given, runs in the
+        calling thread while the job runs (its error is raised after the job's own)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="termwise-call", daemon=True)
             self._thread.start()
         with self._request:
             self._job, self._result = job, None
             self._request.notify_all()
+        failure = None
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException as error:  # noqa: BLE001 - raised once the job has finished
+                failure = error
+        with self._request:
             while self._result is None:
                 self._request.wait()
             ok, value = self._result
             self._result = None
         if not ok:
             raise value
+        if failure is not None:
+            raise failure
         return value
 
 

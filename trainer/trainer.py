@@ -12,6 +12,7 @@ and stops exactly at the next logging, diagnostic, checkpoint or validation step
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 
@@ -390,6 +391,7 @@ class Trainer(StepMixin):
         self._calls: dict[bool, tuple] = {}  # diagnostic -> (iterator, concrete function)
         self._apply_functions: dict[str, object] = {}  # phase -> its update (`_gated_apply`)
         self._compiling = None  # see `_compile_diagnostic_ahead`
+        self._ahead = None  # the first call's `_compile_diagnostic_ahead`, set by `fit`
         self._eval_function = None
         self._call_thread = preemption_lib.CallThread()
         self._sizer: CallSizer | None = None  # the steps per compiled call (see `fit`)
@@ -828,7 +830,8 @@ class Trainer(StepMixin):
             self._build_balancers(dataset)
             iterator = self._train_iterator_for(dataset)
             self._concrete(iterator, diagnostic=False)  # traces: term and weights checks here
-            self._compile_diagnostic_ahead(iterator)
+        # Traced while the first call runs (see `_run_call`), instantiated beside it.
+        self._ahead = functools.partial(self._compile_diagnostic_ahead, iterator)
         self._warn_stateful_random()
         self._write_hparams()
         start = self.step
@@ -881,10 +884,13 @@ class Trainer(StepMixin):
         """One compiled call of up to `count` steps; raises if a term became non-finite."""
         function = self._concrete(iterator, diagnostic)
         steps = tf.constant(count, tf.int32)
+        ahead, self._ahead = self._ahead, None  # the fit's first call: the diagnostic trace
         try:
             if guard.active:  # in a worker thread, so that a signal is handled at once
-                outputs = self._call_thread(lambda: function(iterator, steps))
+                outputs = self._call_thread(lambda: function(iterator, steps), meanwhile=ahead)
             else:
+                if ahead is not None:
+                    ahead()
                 outputs = function(iterator, steps)
         except tf.errors.OutOfRangeError:  # a generator's data ran out
             logging.warning("The training data ran out at step %d: fit stops there.", self.step)
