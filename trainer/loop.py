@@ -105,7 +105,8 @@ class Controller:
 
     Args:
         run: `run(num_steps, diagnostic) -> outputs`, the compiled call; `outputs["step"]` is the
-            global step after it (a call can end early: training halted, or a stop).
+            global step after it (a call can end early: training halted, or a stop), and
+            `outputs["seconds"]`, if there, the call's own time (else the time `run` took).
         actions: in the order they run at a boundary.
         start, end: global steps.
         sizer: the number of steps per call.
@@ -144,7 +145,8 @@ class Controller:
             diagnostic = bool(self.diagnostic_every) and target % self.diagnostic_every == 0
             began = time.perf_counter()
             outputs = self._run(count, diagnostic)
-            state.call_seconds = time.perf_counter() - began
+            # The call's own time where the run says it (work done beside the call excluded).
+            state.call_seconds = float(outputs.get("seconds", time.perf_counter() - began))
             reached = int(outputs["step"])
             self.sizer.observe(reached - state.step, state.call_seconds)
             state.step, state.outputs = reached, outputs
