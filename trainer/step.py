@@ -632,7 +632,7 @@ class StepMixin:
         """The train function for `iterator`: its concrete function, or for a diagnostic call a
         callable of the same arguments that runs the plain function's `num_steps - 1` steps,
         then the diagnostic function's one step (so that trace holds one step, not a loop too;
-        under the default strategy `_compile_diagnostic_ahead` traced it before the first step).
+        under the default strategy `_compile_diagnostic_ahead` traced it beside the first call).
 
         Calling the `tf.function` itself matches its arguments against its traces on every
         call, which for an iterator walks the whole element spec: on a small model that cost

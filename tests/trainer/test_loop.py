@@ -379,3 +379,36 @@ def test_phase_steps_are_checked():
         WGANTrainer(models, opts, phase_steps={"d": 2})
     with pytest.raises(ValueError, match=r"`phase_steps\['critic'\]` \(0\) must be a positive"):
         WGANTrainer(models, opts, phase_steps={"critic": 0})
+
+
+def test_the_call_thread_runs_the_meanwhile_work_beside_the_call_and_raises_after_it():
+    # The fit's first call runs on the call thread while the main thread traces the diagnostic
+    # function: both must run at once, and the call's own error comes first.
+    import threading
+
+    from termwise.trainer.preemption import CallThread
+
+    calls = CallThread()
+    started, finish = threading.Event(), threading.Event()
+    seen = []
+
+    def job():
+        started.set()
+        assert finish.wait(10)
+        return "done"
+
+    def meanwhile():
+        assert started.wait(10)  # the job is running: this runs beside it
+        seen.append(threading.current_thread() is threading.main_thread())
+        finish.set()
+
+    assert calls(job, meanwhile=meanwhile) == "done" and seen == [True]
+
+    def failing():
+        raise ValueError("trace")
+
+    with pytest.raises(ValueError, match="trace"):
+        calls(lambda: "done", meanwhile=failing)
+    with pytest.raises(KeyError, match="call"):  # the call's error before the trace's
+        calls(lambda: {}["call"], meanwhile=failing)
+    assert calls(lambda: "again") == "again"  # the thread still serves calls

@@ -288,11 +288,12 @@ def test_the_plain_and_diagnostic_functions_trace_the_update_once():
         assert np.array_equal(with_diagnostics, without)
 
 
-def test_the_diagnostic_function_is_compiled_before_its_first_step_and_changes_nothing():
+def test_the_diagnostic_function_is_compiled_with_the_first_call_and_changes_nothing():
     # Traced at the run's first diagnostic step, where its first call also paid for the graph's
     # optimisation, it took about 0.5 s of a VAE's first 1,000 steps (0.9 s at the steady
-    # state). It is now traced before the first step and instantiated by a call of zero steps
-    # on a second thread: that call must take no batch, draw no random number, change no state.
+    # state). It is now traced beside the fit's first call and instantiated by a call of zero
+    # steps on a second thread: that call must take no batch, draw no random number, change no
+    # state.
     x, y = regression_data(96)
     runs = {}
     for ahead in (True, False):
