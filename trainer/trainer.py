@@ -15,6 +15,7 @@ import contextlib
 import functools
 import inspect
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 
 import keras
@@ -393,6 +394,7 @@ class Trainer(StepMixin):
         self._apply_functions: dict[str, object] = {}  # phase -> its update (`_gated_apply`)
         self._compiling = None  # see `_compile_diagnostic_ahead`
         self._ahead = None  # the first call's `_compile_diagnostic_ahead`, set by `fit`
+        self._ran = weakref.WeakSet()  # the concrete functions `_run_call` has called
         self._eval_function = None
         self._call_thread = preemption_lib.CallThread()
         self._sizer: CallSizer | None = None  # the steps per compiled call (see `fit`)
@@ -886,11 +888,15 @@ class Trainer(StepMixin):
         function = self._concrete(iterator, diagnostic)
         steps = tf.constant(count, tf.int32)
         ahead, self._ahead = self._ahead, None  # the fit's first call: the diagnostic trace
+        concrete = self._calls[diagnostic][1]
+        first_run = concrete not in self._ran  # its time is mostly the graph's instantiation
+        self._ran.add(concrete)
 
         def timed():  # the call's own time, for the call sizer: not the trace run beside it
             began = time.perf_counter()
             out = function(iterator, steps)
-            return {**out, "seconds": time.perf_counter() - began}
+            # A function's first call says nothing of its steps' time: it does not stop growth.
+            return {**out, "seconds": 0.0 if first_run else time.perf_counter() - began}
 
         try:
             if guard.active:  # in a worker thread, so that a signal is handled at once
