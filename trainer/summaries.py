@@ -248,15 +248,14 @@ def heatmap_image(
 
     values = np.asarray(matrix, dtype=np.float64).reshape(len(rows), len(columns))
     stops = _DIVERGING if diverging else _SEQUENTIAL
-    font = _font(13)
-    title_size = _extent(title) if title else None
+    title_size = _title_extent(title) if title else None
     frame, (left, top, cell_w, cell_h) = _heatmap_frame(
         tuple(rows), tuple(columns), title_size, low, high, diverging, min_width
     )
     image = frame.copy()
     draw = ImageDraw.Draw(image)
     if title:
-        draw.text((_PAD, _PAD), title, fill=(0, 0, 0), font=font)
+        _stamp_title(image, (_PAD, _PAD), title)
     for i in range(len(rows)):
         for j in range(len(columns)):
             value = values[i, j]
@@ -271,12 +270,71 @@ def heatmap_image(
             luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
             ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
             tw, th = _extent(text)
-            draw.text((x0 + (cell_w - tw) // 2, y0 + (cell_h - th) // 2 - 2), text, fill=ink,
-                      font=font)  # fmt: skip
+            _stamp(image, (x0 + (cell_w - tw) // 2, y0 + (cell_h - th) // 2 - 2), text, ink)
     return np.asarray(image, dtype=np.uint8)
 
 
 _PAD = 8  # the heatmap's margin between its parts
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_mask(text: str, font_size: int):
+    """`text` rendered once in the default font: its coverage mask (an "L" image) and the
+    mask's offset from the point the text is drawn at."""
+    from PIL import Image, ImageDraw
+
+    left, top, right, bottom = _text_box(text, font_size)
+    mask = Image.new("L", (right - left, bottom - top), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=_font(font_size))
+    return mask, (left, top)
+
+
+def _stamp(image, xy: tuple[int, int], text: str, ink, font_size: int = 13) -> None:
+    """Draws `text` at the integer point `xy` as `ImageDraw.text` does, pixel for pixel, by
+    pasting `ink` through its cached mask: rendering the glyphs was half of a heatmap's
+    drawing, and a cell's text (two decimals) repeats from one diagnostic step to the next."""
+    if not text:
+        return
+    mask, (dx, dy) = _text_mask(text, font_size)
+    image.paste(ink, (xy[0] + dx, xy[1] + dy), mask)
+
+
+@functools.lru_cache(maxsize=256)
+def _advance(text: str, font_size: int) -> float:
+    return _font(font_size).getlength(text)
+
+
+def _title_pieces(title: str, font_size: int = 13) -> tuple[tuple[int, str], ...]:
+    """A title whose last word changes at every step ("..., step 1200") as (x offset, text)
+    pieces that are drawn and measured apart, each from the cache: the words before the last
+    and the last word where the first part's advance is a whole number of pixels (the glyphs
+    then land where `ImageDraw.text` puts them), else the whole title."""
+    head, space, tail = title.rpartition(" ")
+    if head and tail:
+        advance = _advance(head + space, font_size)
+        if advance == int(advance):
+            return ((0, head + space), (int(advance), tail))
+    return ((0, title),)
+
+
+def _title_extent(title: str, font_size: int = 13) -> tuple[int, int]:
+    """The width and height of a title, as `_extent` measures it: the union of its pieces'
+    boxes, which is the whole text's box."""
+    boxes = [(dx, _text_box(text, font_size)) for dx, text in _title_pieces(title, font_size)]
+    return (max(dx + b[2] for dx, b in boxes) - min(dx + b[0] for dx, b in boxes),
+            max(b[3] for _, b in boxes) - min(b[1] for _, b in boxes))  # fmt: skip
+
+
+def _stamp_title(image, xy: tuple[int, int], title: str, font_size: int = 13) -> None:
+    """Draws a title (`_title_pieces`) as `ImageDraw.text` does, pixel for pixel."""
+    pieces = _title_pieces(title, font_size)
+    if len(pieces) == 1:  # not cached: the title changes at every step
+        from PIL import ImageDraw
+
+        ImageDraw.Draw(image).text(xy, title, fill=(0, 0, 0), font=_font(font_size))
+        return
+    for dx, text in pieces:
+        _stamp(image, (xy[0] + dx, xy[1]), text, (0, 0, 0), font_size)
 
 
 def _extent(text: str, font_size: int = 13) -> tuple[int, int]:
@@ -386,14 +444,28 @@ def _draw(matrix, rows, columns, **options) -> np.ndarray:
 _SCALAR_METADATA = scalar_metadata.create_summary_metadata(display_name=None, description=None)
 
 
-def _write_scalars(values: Mapping[str, float], step: int) -> None:
-    """Writes `values` into the default writer at `step` as one `Summary` of scalar values."""
+def _import_event(writer, event: event_pb2.Event) -> None:
+    """Appends `event` to a TF2 file writer. TF2's writers have no API for a whole event: the
+    public raw op `ImportEvent` writes it into the writer's private `_resource`."""
+    tf.raw_ops.ImportEvent(writer=writer._resource, event=event.SerializeToString())
+
+
+def _write_summary(writer, summary: summary_pb2.Summary, step: int) -> None:
+    """Writes `summary` at `step` as the event `tf.summary.experimental.write_raw_pb` writes
+    (the step, the wall time now, the summary), by one op: `write_raw_pb` ran five eager ops
+    a summary (its recording condition, the step's and the bytes' tensors, the write), a third
+    of the writing thread's time at a logged step."""
+    _import_event(writer, event_pb2.Event(step=step, wall_time=time.time(), summary=summary))
+
+
+def _write_scalars(writer, values: Mapping[str, float], step: int) -> None:
+    """Writes `values` at `step` as one `Summary` of the scalars `tf.summary.scalar` writes."""
     if not values:
         return
     summary = summary_pb2.Summary()
     for tag, value in values.items():
         summary.value.add(tag=tag, metadata=_SCALAR_METADATA, tensor=_float32_scalar(value))
-    tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
+    _write_summary(writer, summary, step)
 
 
 def _float32_scalar(value: float) -> tensor_pb2.TensorProto:
@@ -409,15 +481,14 @@ _SCALAR_SHAPE = tensor_shape_pb2.TensorShapeProto()
 
 def _write_restart(writer, step: int) -> None:
     """Writes two `SessionLog(status=START)` events at `step` into a TF2 summary writer (see
-    `SummaryWriter.restart`). TF2's writers have no API for non-summary events: the public raw
-    op `ImportEvent` writes the serialized event into the writer's private `_resource`."""
+    `SummaryWriter.restart`)."""
     event = event_pb2.Event(
         step=step,
         wall_time=time.time(),
         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
     )
     for _ in range(2):
-        tf.raw_ops.ImportEvent(writer=writer._resource, event=event.SerializeToString())
+        _import_event(writer, event)
 
 
 _IMAGE_METADATA = image_metadata.create_summary_metadata(display_name=None, description=None)
@@ -464,9 +535,9 @@ def _png(image: np.ndarray) -> bytes:
     ))  # fmt: skip
 
 
-def _write_image_summary(tag: str, images: np.ndarray, step: int, max_outputs: int) -> None:
-    """Writes uint8 images [n, h, w, c] into the default writer as `tf.summary.image` does:
-    the image plugin's string tensor [width, height, png, ...]."""
+def _write_image_summary(writer, tag: str, images: np.ndarray, step: int, max_outputs: int) -> None:
+    """Writes uint8 images [n, h, w, c] as `tf.summary.image` does: the image plugin's string
+    tensor [width, height, png, ...]."""
     height, width = images.shape[1:3]
     encoded = [str(width).encode(), str(height).encode()]
     encoded += [_png(image) for image in images[:max_outputs]]
@@ -476,7 +547,7 @@ def _write_image_summary(tag: str, images: np.ndarray, step: int, max_outputs: i
         metadata=_IMAGE_METADATA,
         tensor=tensor_util.make_tensor_proto(np.array(encoded, dtype=object)),
     )
-    tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=step)
+    _write_summary(writer, summary, step)
 
 
 def _markdown_escape(text: str) -> str:
@@ -539,9 +610,8 @@ class SummaryWriter:
         return by_term
 
     def _write_layout(self, phases: Sequence[str]) -> None:
-        tf.summary.experimental.write_raw_pb(
-            custom_scalar_summary.pb(layout_proto(phases)).SerializeToString(), step=0
-        )
+        layout = custom_scalar_summary.pb(layout_proto(phases))  # TensorFlow's own proto class
+        _write_summary(self._writer, summary_pb2.Summary.FromString(layout.SerializeToString()), 0)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Writes each value under its tag at `step`, and each term's also to its own run.
@@ -556,13 +626,11 @@ class SummaryWriter:
         phases = list(self.term_names)  # the layout's charts, when it is written
 
         def write():
-            with self._writer.as_default(step=step):
-                if layout:
-                    self._write_layout(phases)
-                _write_scalars(values, step)
+            if layout:
+                self._write_layout(phases)
+            _write_scalars(self._writer, values, step)
             for term, term_values in by_term.items():
-                with self._term_writer(term).as_default(step=step):
-                    _write_scalars(term_values, step)
+                _write_scalars(self._term_writer(term), term_values, step)
 
         self._submit(write)
 
@@ -634,8 +702,7 @@ class SummaryWriter:
         self._submit(lambda: self._write_images(tag, images, step, max_outputs))
 
     def _write_images(self, tag: str, images: np.ndarray, step: int, max_outputs: int) -> None:
-        with self._writer.as_default(step=step):
-            _write_image_summary(f"images/{tag}", images, step, max_outputs)
+        _write_image_summary(self._writer, f"images/{tag}", images, step, max_outputs)
 
     def image(self, tag: str, image, step: int) -> None:
         """Writes one image ([h, w, c] floats in [0, 1], or uint8) under `images/<tag>`."""
@@ -718,13 +785,15 @@ class SummaryWriter:
             ),
         )
 
-        def write():
-            with self._writer.as_default(step=step):
-                for tag, value in (
-                    (f"term_layer_share/{phase}", shares),
-                    (f"grad_layer_norms/{phase}", norms),
-                ):
-                    tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
+        def write():  # the events `tf.summary.write(tag, float32 tensor, metadata)` writes
+            summary = summary_pb2.Summary()
+            for tag, value in (
+                (f"term_layer_share/{phase}", shares),
+                (f"grad_layer_norms/{phase}", norms),
+            ):
+                tensor = tensor_util.make_tensor_proto(value.astype(np.float32))
+                summary.value.add(tag=tag, metadata=metadata, tensor=tensor)
+            _write_summary(self._writer, summary, step)
 
         self._submit(write)
         self._paint(

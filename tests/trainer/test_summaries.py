@@ -348,6 +348,92 @@ def test_heatmaps_drawn_on_a_cached_frame_are_those_drawn_on_a_fresh_one():
     assert not np.array_equal(fresh[0], other)
 
 
+def test_stamped_text_is_what_image_draw_text_draws():
+    """A cell's text and a title are pasted through cached masks (`_stamp`, `_stamp_title`):
+    on any background, in any ink, they must be `ImageDraw.text`'s pixels, and a title's size
+    its whole text's, titles whose step changes included."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(3)
+    font = summaries._font(13)
+    texts = [f"{v:+.2f}" for v in rng.uniform(-1, 1, 20)] + ["n/a", "0.00", "reconstruction"]
+    titles = [f"{p}: share of each layer's gradient norm, step {s}"
+              for p in ("train", "generator", "d") for s in (0, 7, 100, 123456)]  # fmt: skip
+    titles += ["kl: gradient cosines, step 1e3", "one", "a title that ends in a space "]
+    for text in texts + titles:
+        background = tuple(int(v) for v in rng.integers(0, 256, 3))
+        ink = tuple(int(v) for v in rng.integers(0, 256, 3)) if text in texts else (0, 0, 0)
+        xy = (int(rng.integers(0, 20)), int(rng.integers(0, 12)))
+        expected = Image.new("RGB", (420, 40), background)
+        ImageDraw.Draw(expected).text(xy, text, fill=ink, font=font)
+        ours = Image.new("RGB", (420, 40), background)
+        for _ in range(2):  # the second time from the cache
+            if text in texts:
+                summaries._stamp(ours, xy, text, ink)
+            else:
+                summaries._stamp_title(ours, xy, text)
+                assert summaries._title_extent(text) == summaries._extent(text), text
+            assert np.array_equal(np.asarray(ours), np.asarray(expected)), text
+            ours = Image.new("RGB", (420, 40), background)
+    assert summaries._text_mask.cache_info().hits > 0
+
+
+def _raw_events(directory):
+    """Every summary value of a run's event files: (step, tag, metadata, tensor) as bytes."""
+    from tensorboard.backend.event_processing import event_file_loader
+
+    found = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not name.startswith("events"):
+            continue
+        for event in event_file_loader.RawEventFileLoader(path).Load():
+            from tensorboard.compat.proto import event_pb2
+
+            event = event_pb2.Event.FromString(event)
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor)
+                found.append((event.step, value.tag, value.metadata.SerializeToString(),
+                              tensor.dtype.str, tensor.shape, tensor.tobytes()))  # fmt: skip
+    return sorted(found)
+
+
+def test_events_are_those_tf_summary_ops_write(tmp_path):
+    """The writer builds each event itself and appends it with one op (`_write_summary`): the
+    events must hold what `tf.summary.scalar`, `tf.summary.write` and the custom-scalar layout
+    write through TensorFlow's own summary ops: the same steps, tags, metadata and tensors."""
+    from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
+
+    norms = np.array([[0.3, 2.0, 1e-8], [1.7, 0.0, 1 / 3]])
+    scalars = {"loss/a": 0.25, "loss/b": 1 / 3, "total/train": float("nan")}
+    ours = summaries.SummaryWriter(str(tmp_path / "ours"), {"train": ["a", "b"]})
+    ours.scalars(7, scalars)
+    ours.layer_norms("train", ["a", "b"], ["l1", "l2", "l3"], norms, 9)
+    ours.flush()
+
+    theirs = tf.summary.create_file_writer(str(tmp_path / "theirs"))
+    labels = json.dumps({"terms": ["a", "b"], "layers": ["l1", "l2", "l3"]})
+    metadata = tf.compat.v1.SummaryMetadata(
+        summary_description=labels,
+        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(
+            plugin_name="termwise_matrix", content=labels.encode()
+        ),
+    )
+    with theirs.as_default():
+        layout = custom_scalar_summary.pb(summaries.layout_proto(["train"]))
+        tf.summary.experimental.write_raw_pb(layout.SerializeToString(), step=0)
+        for tag, value in scalars.items():
+            tf.summary.scalar(tag, value, step=7)
+        for tag, value in (("term_layer_share/train", summaries.layer_shares(norms)),
+                           ("grad_layer_norms/train", norms)):  # fmt: skip
+            tf.summary.write(tag, tf.constant(value, tf.float32), step=9, metadata=metadata)
+    theirs.flush()
+    written = [e for e in _raw_events(tmp_path / "ours") if not e[1].startswith("images/")]
+    assert written == _raw_events(tmp_path / "theirs")
+    tags = {"loss/a", "grad_layer_norms/train", "custom_scalars__config__"}
+    assert {e[1] for e in written} >= tags
+
+
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])
 def test_png_decodes_to_the_pixels_it_encodes(channels):
     """`_png` writes the PNG format itself (no filter, zlib): Pillow's and TensorFlow's decoders
@@ -530,13 +616,13 @@ def test_every_write_runs_off_the_calling_thread_in_order_with_the_values_given(
     import threading
 
     threads = set()
-    write_raw_pb = tf.summary.experimental.write_raw_pb
+    import_event = summaries._import_event
 
     def recording(*args, **kwargs):
         threads.add(threading.current_thread().name)
-        return write_raw_pb(*args, **kwargs)
+        return import_event(*args, **kwargs)
 
-    monkeypatch.setattr(tf.summary.experimental, "write_raw_pb", recording)
+    monkeypatch.setattr(summaries, "_import_event", recording)
     writer = summaries.SummaryWriter(str(tmp_path), {"train": ["a"]})
     values = {"loss/a": 1.0}
     for step in range(1, 4):
