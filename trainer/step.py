@@ -22,10 +22,10 @@ writes nothing but variables: no files, no Python state a step depends on.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import inspect
-import threading
 from collections.abc import Mapping
 
 import keras
@@ -669,27 +669,15 @@ class StepMixin:
             return
         self._await_compiled_diagnostic()
         diagnose = self._traced(iterator, True)
-        nothing = tf.constant(0, tf.int32)
-        result: list[BaseException] = []
-
-        def instantiate():
-            try:
-                diagnose(iterator, nothing)
-            except BaseException as error:  # noqa: BLE001 - re-raised by the first diagnostic call
-                result.append(error)
-
-        thread = threading.Thread(target=instantiate, name="termwise-compile")
-        thread.start()
-        self._compiling = (thread, result)
+        worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="termwise-compile")
+        self._compiling = worker.submit(diagnose, iterator, tf.constant(0, tf.int32))
+        worker.shutdown(wait=False)  # its one thread ends with that call
 
     def _await_compiled_diagnostic(self) -> None:
-        """Waits for `_compile_diagnostic_ahead`'s thread, re-raising what it raised."""
+        """Waits for `_compile_diagnostic_ahead`'s call, re-raising what it raised."""
         compiling, self._compiling = self._compiling, None
         if compiling is not None:
-            thread, result = compiling
-            thread.join()
-            if result:
-                raise result[0]
+            compiling.result()
 
     def _traced(self, iterator, diagnostic: bool):
         cached = self._calls.get(diagnostic)

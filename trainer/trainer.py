@@ -392,7 +392,7 @@ class Trainer(StepMixin):
         self._train_functions: dict[bool, object] = {}  # diagnostic -> tf.function
         self._calls: dict[bool, tuple] = {}  # diagnostic -> (iterator, concrete function)
         self._apply_functions: dict[str, object] = {}  # phase -> its update (`_gated_apply`)
-        self._compiling = None  # see `_compile_diagnostic_ahead`
+        self._compiling = None  # its future: see `_compile_diagnostic_ahead`
         self._ahead = None  # the first call's `_compile_diagnostic_ahead`, set by `fit`
         self._ran = weakref.WeakSet()  # the concrete functions `_run_call` has called
         self._eval_function = None
