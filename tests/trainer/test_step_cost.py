@@ -151,6 +151,48 @@ def test_the_plain_step_checks_finiteness_in_a_few_ops():
     assert ops["IsFinite"] <= 2, ops["IsFinite"]
 
 
+def _unconditional_ops(graph_def) -> collections.Counter:
+    """The ops of a function's graph and its library outside any `If` branch (and the functions
+    those branches call), by type: what every step runs, whatever its checks found."""
+    functions = {f.signature.name: f for f in graph_def.library.function}
+
+    def called(nodes):
+        for node in nodes:
+            for key, value in node.attr.items():
+                names = [value.func.name] + [f.name for f in value.list.func]
+                yield from ((key, n) for n in names if n)
+
+    conditional, todo = set(), []
+    for nodes in [graph_def.node] + [f.node_def for f in functions.values()]:
+        for node in nodes:
+            if node.op in ("If", "StatelessIf"):
+                todo += [node.attr[b].func.name for b in ("then_branch", "else_branch")]
+    while todo:
+        name = todo.pop()
+        if name not in conditional and name in functions:
+            conditional.add(name)
+            todo += [n for _, n in called(functions[name].node_def)]
+    ops = collections.Counter(n.op for n in graph_def.node)
+    for name, function in functions.items():
+        if name not in conditional:
+            ops.update(n.op for n in function.node_def)
+    return ops
+
+
+def test_a_finite_step_writes_no_nonfinite_record():
+    # The record of the first failure (which check, at which step) and the halt were three
+    # `tf.where` assignments at every step; they are written in a `tf.cond` on the failure.
+    # Unconditional: the window's last values only (its sums are AssignAdd, as the step's).
+    x, y = regression_data(32, features=2)
+    t = NaNGradientAt(linear_model(), sgd(), progress=False)
+    t.fit((x, y), steps=1, batch_size=16)
+    ops = _unconditional_ops(t._calls[False][1].graph.as_graph_def())
+    assert ops["AssignVariableOp"] == 1, ops["AssignVariableOp"]
+    with pytest.raises(NonFiniteLossError, match=r"gradient of phase 'train'.* at step 4"):
+        t.fit((x, y), steps=5, batch_size=16)
+    assert (t.step, int(t._nonfinite_step.numpy()), bool(t._halted.numpy())) == (3, 4, True)
+
+
 def _penalised_trainer(**options):
     """A penalised model (seed 3) under Adam, logging every 5 steps, diagnosing every 4."""
     from helpers import penalised_model
