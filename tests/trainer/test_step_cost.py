@@ -1,12 +1,15 @@
 """What the step's speed work must keep: exact finiteness checks and autograph in user code."""
 
 import collections
+import threading
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import linear_model, regression_data, weights_of
+from tensorflow.core.protobuf import config_pb2
+from tensorflow.python.eager import context
 
 from termwise import losses
 from termwise.trainer import NonFiniteLossError, Trainer
@@ -356,3 +359,35 @@ def test_the_diagnostic_function_is_compiled_with_the_first_call_and_changes_not
     for key in logs:
         if not key.startswith("perf/"):
             assert logs[key] == other_logs[key], key
+
+
+def test_every_call_of_the_diagnostic_function_skips_grappler_on_every_thread(monkeypatch):
+    # Grappler was half of the diagnostic function's instantiation, in the run's first steps.
+    # TensorFlow instantiates a function once per call options, so the zero-step call on the
+    # compile thread and the diagnostic calls on the call thread must all use the same.
+    seen = []
+    original = Trainer._traced
+
+    def traced(self, iterator, diagnostic):
+        function = original(self, iterator, diagnostic)
+        if not diagnostic:
+            return function
+
+        def spy(*args):
+            options = context.context().function_call_options
+            config = config_pb2.ConfigProto.FromString(options.config_proto_serialized)
+            off = config.graph_options.rewrite_options.disable_meta_optimizer
+            seen.append((threading.current_thread().name.split("_")[0], off))
+            return function(*args)
+
+        return spy
+
+    monkeypatch.setattr(Trainer, "_traced", traced)
+    x, y = regression_data(96)
+    _, t = _penalised_trainer()
+    t.fit((x, y), steps=9, batch_size=16)
+    assert sorted(set(seen)) == [("termwise-call", True), ("termwise-compile", True)], seen
+    assert len(seen) == 3  # the zero-step call, and steps 4 and 8
+    options = context.context().function_call_options  # the thread's own are left as they were
+    config = config_pb2.ConfigProto.FromString(options.config_proto_serialized)
+    assert not config.graph_options.rewrite_options.disable_meta_optimizer
