@@ -892,9 +892,15 @@ class Trainer(StepMixin):
         first_run = concrete not in self._ran  # its time is mostly the graph's instantiation
         self._ran.add(concrete)
 
+        writer = self._writer
+
         def timed():  # the call's own time, for the call sizer: not the trace run beside it
             began = time.perf_counter()
+            if writer is not None:  # the writes held since the last call run beside this one
+                writer.release()
             out = function(iterator, steps)
+            if writer is not None:
+                writer.hold()
             # A function's first call says nothing of its steps' time: it does not stop growth.
             return {**out, "seconds": 0.0 if first_run else time.perf_counter() - began}
 
