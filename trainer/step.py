@@ -92,7 +92,7 @@ def _without_graph_optimisation():
 
     For the diagnostic function, run once every `grad_log_every` steps: Grappler was half of
     its instantiation's 0.29 s on the VAE (0.23 s on the CNN), which lands in the run's first
-    steps, and made its step 0.1 ms faster. The options are the thread's own with that one
+    steps, and saved 0.1 ms of its 2 ms step. The options are the thread's own with that one
     change (TensorFlow keeps them per thread, and instantiates a function once per options),
     so every call of it must be made inside this block, on whichever thread.
     """
